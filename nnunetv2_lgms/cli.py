@@ -1,0 +1,34 @@
+"""``nnunetv2_lgms`` console script. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``env`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "env": ("nnunetv2_lgms.commands.env", "print the shell export that lets stock nnUNetv2_* commands find our trainers"),
+    "doctor": ("nnunetv2_lgms.commands.doctor", "check versions, environment variables and the trainer lookup"),
+    "demo": ("nnunetv2_lgms.commands.demo", "synthetic dataset -> plan -> train LGMSNet and nnU-Net -> predict -> table"),
+    "paper-check": ("nnunetv2_lgms.commands.paper_check", "parameters and FLOPs at the published configurations"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunetv2_lgms", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""FLOP counting with ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-accumulate; convolutions,
+matmuls and attention; norms and activations are not counted)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+_aten = torch.ops.aten
+
+
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one that F.scaled_dot_product_attention uses here;
+# without this, attention would count as zero on CPU.
+_CUSTOM = {}
+if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _CUSTOM[_aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flop
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int], device: str = "cpu") -> int:
+    """Forward FLOPs of ``model`` in eval mode for one input of ``input_shape`` (including the batch axis)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+            model(torch.zeros(*input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()

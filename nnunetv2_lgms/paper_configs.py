@@ -1,0 +1,44 @@
+"""The published configurations ``paper-check`` instantiates, with the reference figures they must reproduce.
+
+``reference_params`` is the exact count of the official code at that configuration (``../shared/specs``
+architectures.md §4); ``paper`` is what the paper's text states, which can differ (LGMSNet-3D).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    model: str
+    config: str
+    build: Callable[[], nn.Module]
+    input_shape: Tuple[int, ...]
+    reference_params: int
+    paper: str  # the paper's own statement of size / complexity
+
+    def count_params(self, net: nn.Module) -> int:
+        # Networks with training-only deep-supervision heads report the inference path, as the papers do.
+        counter = getattr(net, "num_parameters", None)
+        return counter() if counter else sum(p.numel() for p in net.parameters())
+
+
+def _lgmsnet_2d():
+    from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+    return LGMSNet(3, 1, nn.Conv2d, deep_supervision=False)
+
+
+def _lgmsnet_3d():
+    from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+    return LGMSNet(1, 14, nn.Conv3d, deep_supervision=False)
+
+
+PAPER_CONFIGS: List[PaperConfig] = [
+    PaperConfig("LGMSNet-2D", "3 in, 1 out, 256x256, no DS", _lgmsnet_2d, (1, 3, 256, 256), 2_321_393,
+                "2.32M params, 4.89 'GFlops' (= thop MACs)"),
+    PaperConfig("LGMSNet-3D", "1 in, 14 out (BTCV), 96^3, no DS", _lgmsnet_3d, (1, 1, 96, 96, 96), 6_193_742,
+                "paper states 9.86M params; the official code has 6.19M (no config in it gives 9.86M)"),
+]

@@ -1,0 +1,13 @@
+"""Stock ``nnUNetTrainer`` (nnU-Net's own network and recipe) on the plugin's short budgets, so that smoke runs and
+the demo compare LGMSNet/GLIMS with vanilla nnU-Net trained for exactly as long."""
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_lgms.trainers.budget import DemoBudget, SmokeBudget
+
+
+class nnUNetTrainerBaseline_smoke(SmokeBudget, nnUNetTrainer):
+    pass
+
+
+class nnUNetTrainerBaseline_demo(DemoBudget, nnUNetTrainer):
+    pass

@@ -1,0 +1,69 @@
+"""nnU-Net trainers for LGMSNet: nnU-Net's default recipe (SGD, poly LR, DC+CE/BCE, deep supervision), only the
+network changes."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunetv2_lgms.networks.lgmsnet import LGMSNet, lgmsnet_deep_supervision_scales
+from nnunetv2_lgms.trainers.budget import DemoBudget, SmokeBudget, TrainingBudget
+
+
+class nnUNetTrainerLGMSNet(nnUNetTrainer):
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        arch = configuration_manager.network_arch_init_kwargs
+        return LGMSNet.from_plan(configuration_manager.patch_size, arch["strides"], arch["kernel_sizes"],
+                                 num_input_channels, num_output_channels, enable_deep_supervision)
+
+    def _get_deep_supervision_scales(self):
+        # LGMSNet has 5 levels whatever the plan's stage count, hence its own scales (one per decoder output).
+        if not self.enable_deep_supervision:
+            return None
+        return lgmsnet_deep_supervision_scales(self.configuration_manager.pool_op_kernel_sizes,
+                                               len(self.configuration_manager.patch_size))
+
+
+class nnUNetTrainerLGMSNet_1epoch(TrainingBudget, nnUNetTrainerLGMSNet):
+    epochs = 1
+
+
+class nnUNetTrainerLGMSNet_5epochs(TrainingBudget, nnUNetTrainerLGMSNet):
+    epochs = 5
+
+
+class nnUNetTrainerLGMSNet_10epochs(TrainingBudget, nnUNetTrainerLGMSNet):
+    epochs = 10
+
+
+class nnUNetTrainerLGMSNet_20epochs(TrainingBudget, nnUNetTrainerLGMSNet):
+    epochs = 20
+
+
+class nnUNetTrainerLGMSNet_50epochs(TrainingBudget, nnUNetTrainerLGMSNet):
+    epochs = 50
+
+
+class nnUNetTrainerLGMSNet_100epochs(TrainingBudget, nnUNetTrainerLGMSNet):
+    epochs = 100
+
+
+class nnUNetTrainerLGMSNet_250epochs(TrainingBudget, nnUNetTrainerLGMSNet):
+    epochs = 250
+
+
+class nnUNetTrainerLGMSNet_500epochs(TrainingBudget, nnUNetTrainerLGMSNet):
+    epochs = 500
+
+
+class nnUNetTrainerLGMSNet_smoke(SmokeBudget, nnUNetTrainerLGMSNet):
+    pass
+
+
+class nnUNetTrainerLGMSNet_demo(DemoBudget, nnUNetTrainerLGMSNet):
+    pass
