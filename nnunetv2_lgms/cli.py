@@ -12,21 +12,26 @@ SUBCOMMANDS = {
     "doctor": ("nnunetv2_lgms.commands.doctor", "check versions, environment variables and the trainer lookup"),
     "demo": ("nnunetv2_lgms.commands.demo", "synthetic dataset -> plan -> train LGMSNet and nnU-Net -> predict -> table"),
     "paper-check": ("nnunetv2_lgms.commands.paper_check", "parameters and FLOPs at the published configurations"),
+    "convert": ("nnunetv2_lgms.commands.convert", "public dataset release -> nnU-Net raw dataset (busi, kvasir, btcv, ...)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The full parser; with ``command``, only that subcommand's module is imported for its arguments."""
     parser = argparse.ArgumentParser(prog="nnunetv2_lgms", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if command is None or command == name:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
     return importlib.import_module(args._module).run(args) or 0
 
 

@@ -1,0 +1,39 @@
+"""End to end through the stock nnUNetv2_plan_and_preprocess / nnUNetv2_train (-device cpu) / nnUNetv2_predict on
+tiny synthetic datasets, with LGMSNet found via nnUNet_extTrainer."""
+from __future__ import annotations
+
+import pytest
+
+from e2e_utils import NnunetProject, assert_predictions, assert_trained
+
+pytestmark = pytest.mark.slow
+TRAINER = "nnUNetTrainerLGMSNet_smoke"
+
+
+@pytest.fixture(scope="module")
+def project_2d(tmp_path_factory):
+    return NnunetProject(tmp_path_factory.mktemp("nnunet2d"), 990, 2, "2d", (48, 48))
+
+
+def test_2d_train_predict_and_resume(project_2d):
+    fold = project_2d.train(TRAINER)
+    summary = assert_trained(fold)
+    assert set(summary["mean"]) == {"1"}
+    assert_predictions(project_2d, project_2d.predict(TRAINER), {0, 1})
+    # --c on a finished run: nnU-Net loads checkpoint_final and redoes the validation
+    mtime = (fold / "validation" / "summary.json").stat().st_mtime
+    project_2d.train(TRAINER, "0", "--c")
+    assert (fold / "validation" / "summary.json").stat().st_mtime > mtime
+
+
+def test_3d_fullres_anisotropic_train_predict(tmp_path):
+    project = NnunetProject(tmp_path, 991, 3, "3d_fullres", (16, 32, 32))
+    assert_trained(project.train(TRAINER))
+    assert_predictions(project, project.predict(TRAINER), {0, 1})
+
+
+def test_region_based_dataset_with_ignore_label(tmp_path):
+    project = NnunetProject(tmp_path, 992, 2, "2d", (48, 48), kind="regions", ignore_label=True)
+    summary = assert_trained(project.train(TRAINER))
+    assert set(summary["mean"]) == {"(1, 2)", "2"}  # nnU-Net evaluates regions, not labels
+    assert_predictions(project, project.predict(TRAINER), {0, 1, 2})
