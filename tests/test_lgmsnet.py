@@ -194,3 +194,25 @@ def test_sdpa_attention_equals_explicit_softmax_forward_and_backward():
     g_out = torch.autograd.grad(out.sum(), [x, *attn.parameters()])
     g_ref = torch.autograd.grad(ref.sum(), [x, *attn.parameters()])
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g_out, g_ref))
+
+
+def test_lowres_and_cascade_configurations_build_with_their_input_channels():
+    import copy
+
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from plans_utils import configuration_dict, plans_dict
+
+    plans = plans_dict("3d_40x56x40_hippocampus", "3d_fullres")
+    plans["configurations"]["3d_lowres"] = dict(configuration_dict((24, 32, 24), [[1, 1, 1]] + [[2, 2, 2]] * 2,
+                                                                   [[3, 3, 3]] * 3), next_stage="3d_cascade_fullres")
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    pm = PlansManager(copy.deepcopy(plans))
+    dataset_json = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "anterior": 1, "posterior": 2}}
+    for configuration, channels in (("3d_lowres", 1), ("3d_cascade_fullres", 3)):
+        cm = pm.get_configuration(configuration)
+        assert determine_num_input_channels(pm, cm, dataset_json) == channels
+        net = nnUNetTrainerLGMSNet.build_network_architecture(pm, cm, channels, 3, enable_deep_supervision=False)
+        with torch.no_grad():
+            assert net(torch.randn(1, channels, *cm.patch_size)).shape == (1, 3, *cm.patch_size)

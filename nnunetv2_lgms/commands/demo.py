@@ -7,6 +7,8 @@ stock ``nnUNetv2_predict``, scores them with nnU-Net's own metrics and prints a 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -49,6 +51,11 @@ def _prepare_work_dir(work: Path, overwrite: bool) -> None:
 
 
 def _num_parameters(trainer_name: str, plans_file: Path, dataset_json_file: Path, configuration: str) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's class search narrates every module it imports
+        return _build_and_count(trainer_name, plans_file, dataset_json_file, configuration)
+
+
+def _build_and_count(trainer_name: str, plans_file: Path, dataset_json_file: Path, configuration: str) -> int:
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -100,9 +107,10 @@ def run(args) -> int:
                                     "-c", cfg, "-f", "0", "-tr", trainer, "-device", args.device,
                                     "-npp", "1", "-nps", "1", "--disable_progress_bar"],
                                    env, logs / f"predict_{trainer}.log")
-            compute_metrics_on_folder2(str(raw / "labelsTs"), str(pred_dir), str(raw / "dataset.json"),
-                                       str(plans_dir / "nnUNetPlans.json"), str(pred_dir / "summary.json"),
-                                       num_processes=1)
+            with contextlib.redirect_stdout(io.StringIO()):
+                compute_metrics_on_folder2(str(raw / "labelsTs"), str(pred_dir), str(raw / "dataset.json"),
+                                           str(plans_dir / "nnUNetPlans.json"), str(pred_dir / "summary.json"),
+                                           num_processes=1)
             metrics = json.loads((pred_dir / "summary.json").read_text())
             rows.append({"trainer": trainer, "params": _num_parameters(trainer, plans_dir / "nnUNetPlans.json",
                                                                       plans_dir / "dataset.json", cfg),
