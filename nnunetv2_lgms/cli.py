@@ -13,6 +13,9 @@ SUBCOMMANDS = {
     "demo": ("nnunetv2_lgms.commands.demo", "synthetic dataset -> plan -> train LGMSNet and nnU-Net -> predict -> table"),
     "paper-check": ("nnunetv2_lgms.commands.paper_check", "parameters and FLOPs at the published configurations"),
     "convert": ("nnunetv2_lgms.commands.convert", "public dataset release -> nnU-Net raw dataset (busi, kvasir, btcv, ...)"),
+    "profile": ("nnunetv2_lgms.commands.profile", "params, FLOPs, timings and memory of trainers' networks on a plan"),
+    "compare": ("nnunetv2_lgms.commands.compare", "cross-validation table of trainers from nnU-Net's summary.json files"),
+    "evaluate-unseen": ("nnunetv2_lgms.commands.evaluate_unseen", "trained model on an unseen dataset, paper Table 2"),
 }
 
 
