@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .busi import SPEC as _BUSI
-from .core import ConversionError, DatasetSpec, Discovery, find_root, list_files, pair_by_stem, sanitize_case_id
+from .core import DatasetSpec, Discovery, find_folder_pair, sanitize_case_id
 
 SPEC = DatasetSpec(
     key="bus", title="BUS_B", default_id=514, dim=2, channels="grey", grey_channel_name="US",
@@ -27,9 +27,4 @@ def case_id(stem: str) -> str:
 
 
 def find_cases(source: Path, options: dict) -> Discovery:
-    root = find_root(source, "original", ["BUS_Dataset_B", "BUS"])
-    img_dir, mask_dir = root / "original", root / "GT"
-    for d in (img_dir, mask_dir):
-        if not d.is_dir():
-            raise ConversionError(f"{d} not found: pass BUS_Dataset_B (it holds original/ and GT/)")
-    return pair_by_stem(list_files(img_dir), list_files(mask_dir), img_dir, mask_dir, case_id)
+    return find_folder_pair(source, "original", "GT", ["BUS_Dataset_B", "BUS"], "BUS_Dataset_B", case_id)

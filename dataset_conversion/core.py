@@ -130,6 +130,18 @@ def find_root(source: Path, marker: str, release_dirs: Sequence[str] = ()) -> Pa
     return source
 
 
+def find_folder_pair(source: Path, image_folder: str, mask_folder: str, release_dirs: Sequence[str], what: str,
+                     case_id_fn: Callable[[str], str]) -> Discovery:
+    """The common release shape: a folder of images and a folder of masks, matched by file stem. ``what`` names the
+    folder the user should pass, for the error message."""
+    root = find_root(source, image_folder, release_dirs)
+    img_dir, mask_dir = root / image_folder, root / mask_folder
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise ConversionError(f"{d} not found: pass {what} (it holds '{image_folder}' and '{mask_folder}')")
+    return pair_by_stem(list_files(img_dir), list_files(mask_dir), img_dir, mask_dir, case_id_fn)
+
+
 def pair_by_stem(images: List[Path], masks: List[Path], image_dir: Path, mask_dir: Path,
                  case_id_fn: Callable[[str], str], mask_stem_fn: Callable[[str], str] = lambda s: s,
                  subset: str = "Tr", require_masks: bool = True) -> Discovery:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .core import ConversionError, DatasetSpec, Discovery, find_root, list_files, pair_by_stem, sanitize_case_id
+from .core import DatasetSpec, Discovery, find_folder_pair, sanitize_case_id
 from .kvasir import SPEC as _KVASIR
 
 SPEC = DatasetSpec(
@@ -23,9 +23,4 @@ def case_id(stem: str) -> str:
 
 
 def find_cases(source: Path, options: dict) -> Discovery:
-    root = find_root(source, "images", ["CVC-300", "TestDataset/CVC-300"])
-    img_dir, mask_dir = root / "images", root / "masks"
-    for d in (img_dir, mask_dir):
-        if not d.is_dir():
-            raise ConversionError(f"{d} not found: pass TestDataset/CVC-300 (it holds images/ and masks/)")
-    return pair_by_stem(list_files(img_dir), list_files(mask_dir), img_dir, mask_dir, case_id)
+    return find_folder_pair(source, "images", "masks", ["CVC-300", "TestDataset/CVC-300"], "TestDataset/CVC-300", case_id)

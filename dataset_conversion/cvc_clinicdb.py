@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .core import ConversionError, DatasetSpec, Discovery, find_root, list_files, pair_by_stem, sanitize_case_id
+from .core import DatasetSpec, Discovery, find_folder_pair, sanitize_case_id
 from .kvasir import SPEC as _KVASIR
 
 SPEC = DatasetSpec(
@@ -27,10 +27,4 @@ def case_id(stem: str) -> str:
 
 
 def find_cases(source: Path, options: dict) -> Discovery:
-    root = find_root(source, "Original", ["CVC-ClinicDB", "TIF", "PNG"])
-    img_dir, mask_dir = root / "Original", root / "Ground Truth"
-    for d in (img_dir, mask_dir):
-        if not d.is_dir():
-            raise ConversionError(f"{d} not found: pass the CVC-ClinicDB folder (it holds 'Original' and "
-                                  f"'Ground Truth')")
-    return pair_by_stem(list_files(img_dir), list_files(mask_dir), img_dir, mask_dir, case_id)
+    return find_folder_pair(source, "Original", "Ground Truth", ["CVC-ClinicDB", "TIF", "PNG"], "the CVC-ClinicDB folder", case_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .core import ConversionError, DatasetSpec, Discovery, find_root, list_files, pair_by_stem, sanitize_case_id
+from .core import DatasetSpec, Discovery, find_folder_pair, sanitize_case_id
 
 SPEC = DatasetSpec(
     key="kvasir", title="KvasirSEG", default_id=503, dim=2, channels="rgb",
@@ -21,9 +21,4 @@ SPEC = DatasetSpec(
 
 
 def find_cases(source: Path, options: dict) -> Discovery:
-    root = find_root(source, "images", ["Kvasir-SEG", "kvasir-seg"])
-    img_dir, mask_dir = root / "images", root / "masks"
-    for d in (img_dir, mask_dir):
-        if not d.is_dir():
-            raise ConversionError(f"{d} not found: pass the Kvasir-SEG folder (it holds images/ and masks/)")
-    return pair_by_stem(list_files(img_dir), list_files(mask_dir), img_dir, mask_dir, sanitize_case_id)
+    return find_folder_pair(source, "images", "masks", ["Kvasir-SEG", "kvasir-seg"], "the Kvasir-SEG folder", sanitize_case_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .core import ConversionError, DatasetSpec, Discovery, find_root, list_files, pair_by_stem, sanitize_case_id
+from .core import DatasetSpec, Discovery, find_folder_pair, sanitize_case_id
 
 SPEC = DatasetSpec(
     key="tnscui", title="TNSCUI2020", default_id=504, dim=2, channels="grey", grey_channel_name="US",
@@ -25,10 +25,5 @@ def split_case_id(name: str) -> str:
 
 
 def find_cases(source: Path, options: dict) -> Discovery:
-    root = find_root(source, "image", ["tn-scui2020", "TN-SCUI2020", "TNSCUI2020_train", "train"])
-    img_dir, mask_dir = root / "image", root / "mask"
-    for d in (img_dir, mask_dir):
-        if not d.is_dir():
-            raise ConversionError(f"{d} not found: pass the TN-SCUI 2020 training folder (it holds image/, mask/ "
-                                  f"and train.csv)")
-    return pair_by_stem(list_files(img_dir), list_files(mask_dir), img_dir, mask_dir, split_case_id)
+    return find_folder_pair(source, "image", "mask", ["tn-scui2020", "TN-SCUI2020", "TNSCUI2020_train", "train"],
+                            "the TN-SCUI 2020 training folder", split_case_id)

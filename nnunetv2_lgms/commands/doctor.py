@@ -105,7 +105,10 @@ def check_console_scripts() -> List[Check]:
     """nnUNetv2_train on PATH must run this interpreter (a stale one from another env is a common trap)."""
     script = shutil.which("nnUNetv2_train")
     if script is None:
-        return [Check("nnUNetv2_train", "fail", "not on PATH", f"activate the environment: source {Path(sys.prefix) / 'bin' / 'activate'}")]
+        here = Path(sys.executable).parent / "nnUNetv2_train"
+        detail = f"not on PATH ({here} exists)" if here.exists() else "not on PATH"
+        return [Check("nnUNetv2_train", "fail", detail,
+                      f"activate the environment: source {Path(sys.prefix) / 'bin' / 'activate'}")]
     try:
         first = Path(script).read_text(errors="replace").splitlines()[0]
     except (OSError, IndexError):
@@ -122,8 +125,7 @@ def check_device() -> List[Check]:
     import torch
     if torch.cuda.is_available():
         return [Check("device", "ok", f"CUDA: {torch.cuda.get_device_name(0)}")]
-    return [Check("device", "warn", "no CUDA device: use -device cpu (fine for smoke runs, far too slow for real training); "
-                  "set nnUNet_compile=f is not needed on CPU")]
+    return [Check("device", "warn", "no CUDA device: use -device cpu (fine for smoke runs, far too slow for real training)")]
 
 
 def run(args) -> int:

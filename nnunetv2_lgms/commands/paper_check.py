@@ -27,10 +27,11 @@ def collect(models=None, flops: bool = True) -> list:
             continue
         net = cfg.build()
         params = cfg.count_params(net)
-        gflops = round(count_flops(net, cfg.input_shape) / 1e9, 3) if flops else None
+        total = count_flops(net, cfg.input_shape) if flops else None
         rows.append({"model": cfg.model, "config": cfg.config, "params": params,
                      "reference_params": cfg.reference_params, "params_match": params == cfg.reference_params,
-                     "gflops": gflops, "gmacs": None if gflops is None else round(gflops / 2, 3),
+                     "gflops": None if total is None else round(total / 1e9, 3),
+                     "gmacs": None if total is None else round(total / 2e9, 3),
                      "paper": cfg.paper})
     return rows
 

@@ -2,7 +2,6 @@
 network changes."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
