@@ -32,8 +32,8 @@ def add_arguments(parser) -> None:
 def _dataset_settings(three_d: bool, smoke: bool) -> dict:
     if three_d:
         return dict(dim=3, dataset_id=991, configuration="3d_fullres",
-                    num_train=6 if smoke else 20, num_test=2 if smoke else 6,
-                    size=(16, 32, 32) if smoke else (24, 48, 48))
+                    num_train=6 if smoke else 16, num_test=2 if smoke else 4,
+                    size=(16, 32, 32) if smoke else (16, 40, 40))
     return dict(dim=2, dataset_id=990, configuration="2d", num_train=6 if smoke else 40,
                 num_test=2 if smoke else 10, size=(48, 48) if smoke else (96, 96))
 
