@@ -22,8 +22,8 @@ class PaperConfig:
 
     def count_params(self, net: nn.Module) -> int:
         # Networks with training-only deep-supervision heads report the inference path, as the papers do.
-        counter = getattr(net, "num_parameters", None)
-        return counter() if counter else sum(p.numel() for p in net.parameters())
+        from nnunetv2_lgms.networks.blocks import inference_parameters
+        return inference_parameters(net)
 
 
 def _lgmsnet_2d():

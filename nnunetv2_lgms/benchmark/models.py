@@ -113,17 +113,6 @@ def build_network(trainer_class, ctx: PlanContext, deep_supervision: bool = True
                                                     deep_supervision)
 
 
-def count_parameters(net) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
-def inference_parameters(net) -> int:
-    """Parameters of the inference path: our networks exclude training-only deep-supervision heads
-    (``num_parameters()``, as ``paper-check`` reports them); any other network counts all its parameters."""
-    fn = getattr(net, "num_parameters", None)
-    return int(fn()) if callable(fn) else count_parameters(net)
-
-
 def results_folder(dataset: str, trainer: str, plans_identifier: str, configuration: str,
                    results_root: Optional[Path] = None) -> Path:
     root = results_root if results_root is not None else require_env("nnUNet_results")

@@ -32,8 +32,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from nnunetv2_lgms.benchmark.models import (BenchmarkError, PlanContext, build_network, count_parameters,
-                                            find_trainer_class, inference_parameters)
+from nnunetv2_lgms.benchmark.models import BenchmarkError, PlanContext, build_network, find_trainer_class
+from nnunetv2_lgms.networks.blocks import count_parameters, inference_parameters
 from nnunetv2_lgms.benchmark.tables import markdown_table, ratio
 
 MB = 1e6

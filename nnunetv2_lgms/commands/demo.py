@@ -50,23 +50,12 @@ def _prepare_work_dir(work: Path, overwrite: bool) -> None:
     (work / MARKER).write_text("created by nnunetv2_lgms demo; safe to delete\n")
 
 
-def _num_parameters(trainer_name: str, plans_file: Path, dataset_json_file: Path, configuration: str) -> int:
-    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's class search narrates every module it imports
-        return _build_and_count(trainer_name, plans_file, dataset_json_file, configuration)
-
-
-def _build_and_count(trainer_name: str, plans_file: Path, dataset_json_file: Path, configuration: str) -> int:
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans = PlansManager(json.loads(plans_file.read_text()))
-    dataset_json = json.loads(dataset_json_file.read_text())
-    cm = plans.get_configuration(configuration)
-    cls = recursive_find_trainer_class_by_name(trainer_name)
-    net = cls.build_network_architecture(plans, cm, determine_num_input_channels(plans, cm, dataset_json),
-                                         plans.get_label_manager(dataset_json).num_segmentation_heads, True)
-    return sum(p.numel() for p in net.parameters())
+def _num_parameters(trainer_name: str, dataset_id: int, configuration: str) -> int:
+    """All parameters of the network as the trainer trains it (deep-supervision heads included)."""
+    from nnunetv2_lgms.benchmark.models import build_network, find_trainer_class, load_plan_context
+    from nnunetv2_lgms.networks.blocks import count_parameters
+    network = build_network(find_trainer_class(trainer_name), load_plan_context(dataset_id, configuration))
+    return count_parameters(network)
 
 
 def run(args) -> int:
@@ -112,8 +101,7 @@ def run(args) -> int:
                                            str(plans_dir / "nnUNetPlans.json"), str(pred_dir / "summary.json"),
                                            num_processes=1)
             metrics = json.loads((pred_dir / "summary.json").read_text())
-            rows.append({"trainer": trainer, "params": _num_parameters(trainer, plans_dir / "nnUNetPlans.json",
-                                                                      plans_dir / "dataset.json", cfg),
+            rows.append({"trainer": trainer, "params": _num_parameters(trainer, dataset_id, cfg),
                          "dice_test": metrics["foreground_mean"]["Dice"], "train_s": train_s, "predict_s": predict_s})
     except CommandFailed as e:
         print(f"\nFAILED: {e}")

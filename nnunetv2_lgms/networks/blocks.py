@@ -70,6 +70,13 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def inference_parameters(net: nn.Module) -> int:
+    """Parameters of the inference path: this package's networks exclude their training-only deep-supervision heads
+    (``num_parameters()``, as ``paper-check`` reports them); any other network counts all its parameters."""
+    fn = getattr(net, "num_parameters", None)
+    return int(fn()) if callable(fn) else count_parameters(net)
+
+
 def spatial_size_after(size: Sequence[int], strides: Sequence[Sequence[int]]) -> Tuple[int, ...]:
     """Feature-map size after applying each per-axis stride in turn (floor division, as max-pooling does)."""
     size = tuple(size)
