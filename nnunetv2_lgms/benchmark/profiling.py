@@ -49,6 +49,7 @@ class ProfileSettings:
     step_size: float = 0.5
     case: Optional[str] = None
     memory: bool = True
+    compile: bool = False  # torch.compile both networks (as nnU-Net does on CUDA); FLOPs counted on the eager net
 
 
 class _Subject:
@@ -247,6 +248,8 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
     flops = {}
     for s in subjects:
         flops[s.name] = count_flops(s.eval_net, (1, c_in, *patch), device=settings.device)
+        if settings.compile:
+            s.train_net, s.eval_net = torch.compile(s.train_net), torch.compile(s.eval_net)
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn((1, c_in, *patch), generator=g).to(device)
     xb = torch.randn((batch, c_in, *patch), generator=g).to(device)
@@ -319,6 +322,7 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
     meta.update({"dataset": ctx.dataset_name, "configuration": ctx.configuration, "plans": ctx.plans_identifier,
                  "patch_size": list(patch), "batch_size": batch, "input_channels": c_in,
                  "output_channels": ctx.num_output_channels, "repeats": settings.repeats, "warmup": settings.warmup,
+                 "compiled": settings.compile,
                  "peak_memory_method": memory_method(device) if settings.memory else None,
                  "sliding_window_case": case_id, "sliding_window_case_shape": case_shape,
                  "sliding_window_tiles": n_tiles, "sliding_window_step_size": settings.step_size,
@@ -384,7 +388,7 @@ def render_markdown(rows: List[dict]) -> str:
     lines = [f"{m['dataset']} · {m['configuration']} · {m['plans']}: patch {'x'.join(map(str, m['patch_size']))}, "
              f"batch {m['batch_size']}, {m['input_channels']} in / {m['output_channels']} out",
              f"device {m['device']} ({m['device_name']}), torch {m['torch_version']}, {m['torch_threads']} threads, "
-             f"AMP {'on' if m['amp'] else 'off'}; median of {m['repeats']} interleaved repetitions after "
+             f"AMP {'on' if m['amp'] else 'off'}, torch.compile {'on' if m.get('compiled') else 'off'}; median of {m['repeats']} interleaved repetitions after "
              f"{m['warmup']} warm-up"]
     if m.get("sliding_window_case"):
         lines.append(f"sliding window: case {m['sliding_window_case']} {tuple(m['sliding_window_case_shape'])}, "

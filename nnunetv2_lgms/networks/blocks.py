@@ -66,6 +66,22 @@ class ConvNormAct(nn.Sequential):
         super().__init__(*layers, *post)
 
 
+def channels_last_format(dim: int) -> torch.memory_format:
+    """The channels-last memory format of a ``dim``-D feature map (NHWC / NDHWC)."""
+    return {2: torch.channels_last, 3: torch.channels_last_3d}[dim]
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.ndim in (4, 5) and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last_format(x.ndim - 2))
+
+
+def in_memory_format_of(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``reference``'s memory format (channels-last or contiguous); elementwise ops on mixed formats are slow."""
+    if is_channels_last(reference):
+        return x.contiguous(memory_format=channels_last_format(reference.ndim - 2))
+    return x.contiguous()
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

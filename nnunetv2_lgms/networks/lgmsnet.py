@@ -28,7 +28,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, convert_dim_to_conv_op
 
-from nnunetv2_lgms.networks.blocks import ConvNormAct, batch_norm_for, count_parameters, instance_norm_for
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_for, channels_last_format, count_parameters,
+                                           instance_norm_for)
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, GlobalMultiscaleBlock, LocalMultiscaleBlock, UpConv
 
 NUM_LEVELS = 5  # the paper's topology: 4 downsamplings
@@ -147,6 +148,13 @@ class LGMSNet(nn.Module):
             GroupNorm(4) of the LMS block and the BatchNorm of the GMS depthwise branch are fixed, also as there.
 
     Shapes: ``(B, input_channels, *S) -> (B, num_classes, *S)``; at level i the map is ``S / prod(strides[:i+1])``.
+    Outputs are contiguous (NC(D)HW) tensors whatever the internal memory format.
+
+    Speed (``cpu_channels_last``): on CPU the 2D network runs in channels-last memory format, where oneDNN's depthwise
+    and grouped convolutions, BatchNorm and the sparse-token reshapes are fastest. The 3D network keeps NCDHW (its
+    InstanceNorm and trilinear upsampling copy channels-last inputs); only its LMS depthwise stage switches format
+    (see :class:`LocalMultiscaleBlock`). On CUDA the input's format is kept. The math is identical either way
+    (tested against the plain path).
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: Type[_ConvNd] = nn.Conv2d,
@@ -167,13 +175,17 @@ class LGMSNet(nn.Module):
         if norm_op is None:
             norm_op = batch_norm_for(conv_op) if dim == 2 else instance_norm_for(conv_op)
         self.strides = strides
+        self.cpu_channels_last = dim == 2
         self.encoder = LGMSNetEncoder(conv_op, input_channels, features_per_stage, strides, kernel_sizes, norm_op,
                                       norm_op_kwargs, lms_blocks_per_stage, transformer_fraction, mlp_ratio)
         self.decoder = LGMSNetDecoder(conv_op, features_per_stage, kernel_sizes, num_classes, norm_op,
                                       norm_op_kwargs, transformer_fraction, mlp_ratio, deep_supervision)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        return self.decoder(self.encoder(x))
+        if self.cpu_channels_last and x.device.type == "cpu":
+            x = x.contiguous(memory_format=channels_last_format(x.ndim - 2))
+        out = self.decoder(self.encoder(x))
+        return [o.contiguous() for o in out] if isinstance(out, list) else out.contiguous()
 
     def num_parameters(self, include_auxiliary_heads: bool = False) -> int:
         """Parameters of the inference path; the deep-supervision heads of levels 1-3 only with the flag."""

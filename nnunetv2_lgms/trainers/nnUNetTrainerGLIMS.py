@@ -27,7 +27,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_lgms.networks.glims import GLIMS, glims_deep_supervision_scales
-from nnunetv2_lgms.trainers.budget import DemoBudget, SmokeBudget, TrainingBudget
+from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, DemoBudget, SmokeBudget,
+                                           TrainingBudget)
 
 
 class WarmupCosineLRScheduler(_LRScheduler):
@@ -136,4 +137,12 @@ class nnUNetTrainerGLIMS_smoke(SmokeBudget, nnUNetTrainerGLIMS):
 
 
 class nnUNetTrainerGLIMS_demo(DemoBudget, nnUNetTrainerGLIMS):
+    pass
+
+
+class nnUNetTrainerGLIMS_cpubench(CPUBenchmarkBudget, nnUNetTrainerGLIMS):
+    pass
+
+
+class nnUNetTrainerGLIMS_cpubench3d(CPUBenchmarkBudget3D, nnUNetTrainerGLIMS):
     pass

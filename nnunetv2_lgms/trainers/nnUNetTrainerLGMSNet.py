@@ -8,7 +8,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet, lgmsnet_deep_supervision_scales
-from nnunetv2_lgms.trainers.budget import DemoBudget, SmokeBudget, TrainingBudget
+from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, DemoBudget, SmokeBudget,
+                                           TrainingBudget)
 
 
 class nnUNetTrainerLGMSNet(nnUNetTrainer):
@@ -65,4 +66,12 @@ class nnUNetTrainerLGMSNet_smoke(SmokeBudget, nnUNetTrainerLGMSNet):
 
 
 class nnUNetTrainerLGMSNet_demo(DemoBudget, nnUNetTrainerLGMSNet):
+    pass
+
+
+class nnUNetTrainerLGMSNet_cpubench(CPUBenchmarkBudget, nnUNetTrainerLGMSNet):
+    pass
+
+
+class nnUNetTrainerLGMSNet_cpubench3d(CPUBenchmarkBudget3D, nnUNetTrainerLGMSNet):
     pass

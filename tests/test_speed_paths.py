@@ -1,0 +1,106 @@
+"""Each speed path (issue 6) computes exactly what the plain path computes: forward outputs and every gradient agree,
+to float64 precision and, in float32 (other kernels, other summation order), within a tolerance scaled to each
+tensor's magnitude. The plain path is the same module with the speed switch off."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_lgms.networks.blocks import in_memory_format_of, is_channels_last
+from nnunetv2_lgms.networks.lgms_blocks import LocalMultiscaleBlock
+from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def close(a, b, scale, msg=""):
+    """Round-off is relative to the magnitudes flowing through the network (``scale``): gradients that are zero in
+    exact math (a conv bias before BatchNorm) carry round-off of that size, not of their own."""
+    if a.dtype == torch.float64:
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * scale, msg=msg or None)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale, msg=msg or None)
+
+
+def magnitude(tensors) -> float:
+    return max(float(t.abs().max()) for t in tensors) or 1.0
+
+
+def plain_copy(net: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(net)
+    for m in ref.modules():
+        if isinstance(m, LocalMultiscaleBlock):
+            m.channels_last_depthwise = False
+        if isinstance(m, LGMSNet):
+            m.cpu_channels_last = False
+    return ref
+
+
+def forward_backward(net, x, outputs_of):
+    x = x.clone().requires_grad_(True)
+    out = outputs_of(net(x))
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out)  # position-dependent
+    loss.backward()
+    return [o.detach() for o in out], x.grad, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+
+def assert_same(fast, plain):
+    (out_f, gx_f, g_f), (out_p, gx_p, g_p) = fast, plain
+    for a, b in zip(out_f, out_p):
+        close(a, b, magnitude([b]))
+    close(gx_f, gx_p, magnitude([gx_p]))
+    assert g_f.keys() == g_p.keys() and len(g_f) > 0
+    grad_scale = magnitude(g_p.values())
+    for name in g_f:
+        close(g_f[name], g_p[name], grad_scale, msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("conv_op, shape, channels_last_input", [
+    (nn.Conv2d, (2, 16, 20, 24), False),
+    (nn.Conv2d, (2, 16, 20, 24), True),
+    (nn.Conv3d, (2, 8, 10, 12, 9), False),
+])
+def test_lms_channels_last_depthwise_equals_plain_path(conv_op, shape, channels_last_input, dtype):
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d if conv_op is nn.Conv2d else nn.InstanceNorm3d
+    block = LocalMultiscaleBlock(conv_op, shape[1], norm).to(dtype)
+    ref = plain_copy(block)
+    x = torch.randn(shape, dtype=dtype)
+    if channels_last_input:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fast = forward_backward(block, x, lambda y: [y])
+    assert_same(fast, forward_backward(ref, x, lambda y: [y]))
+    # the residual sum keeps the input's layout (no mixed-format elementwise ops downstream)
+    assert is_channels_last(block(x)) == channels_last_input
+
+
+@pytest.mark.parametrize("dim, patch, strides", [
+    (2, (64, 48), [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]]),
+    (3, (16, 32, 24), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]),
+])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lgmsnet_speed_paths_equal_plain_network(dim, patch, strides, train, dtype):
+    torch.manual_seed(0)
+    kernels = [[1, 3, 3]] + [[3, 3, 3]] * 4 if dim == 3 else [[3, 3]] * 5
+    net = LGMSNet.from_plan(patch, strides, kernels, 2, 3, deep_supervision=train).to(dtype)
+    assert net.cpu_channels_last == (dim == 2)
+    ref = plain_copy(net)
+    net.train(train)
+    ref.train(train)
+    x = torch.randn(2, 2, *patch, dtype=dtype)
+    outputs = (lambda y: y) if train else (lambda y: [y])
+    fast = forward_backward(net, x, outputs)
+    assert_same(fast, forward_backward(ref, x, outputs))
+    for o in fast[0]:
+        assert o.is_contiguous()  # callers (nnU-Net's loss, sliding window) get NC(D)HW tensors
+
+
+def test_in_memory_format_of_follows_the_reference_layout():
+    ref_cl = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    t = torch.randn(2, 4, 5, 6)
+    assert is_channels_last(in_memory_format_of(t, ref_cl))
+    assert in_memory_format_of(ref_cl, t).is_contiguous()
+    torch.testing.assert_close(in_memory_format_of(t, ref_cl), t, rtol=0, atol=0)

@@ -1,0 +1,57 @@
+"""Speed report: nnU-Net's planner on a hand-written fingerprint gives nnU-Net's real plan, and one command writes
+the report (tables, JSON, figure) with ratios against the first trainer."""
+import json
+import math
+
+import pytest
+
+from nnunetv2_lgms.benchmark import speed_report, synthetic_plans
+from nnunetv2_lgms.benchmark.synthetic_plans import PlanPreset
+
+
+@pytest.fixture
+def clean_nnunet_env(monkeypatch, tmp_path):
+    # plan_preset points this process's nnUNet_* variables at its own folders; setenv first so that monkeypatch
+    # restores the user's values afterwards
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / "unused"))
+
+
+def test_hippocampus_preset_reproduces_nnunets_plan_for_the_real_dataset(tmp_path, clean_nnunet_env):
+    # nnUNetv2_plan_and_preprocess on the real MSD Task04 (../shared/data) plans exactly this
+    ctx = synthetic_plans.plan_preset("hippocampus-3d", tmp_path)
+    assert ctx.patch_size == (40, 56, 40) and ctx.batch_size == 9
+    assert ctx.configuration_manager.pool_op_kernel_sizes == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert (ctx.num_input_channels, ctx.num_output_channels) == (1, 3)
+
+
+def test_2d_256_preset_is_the_batch_12_plan(tmp_path, clean_nnunet_env):
+    ctx = synthetic_plans.plan_preset("2d-256", tmp_path)
+    assert ctx.patch_size == (256, 256) and ctx.batch_size == 12 and ctx.num_input_channels == 3
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path):
+    with pytest.raises(synthetic_plans.BenchmarkError, match="unknown plan preset 'nope'.*2d-256"):
+        synthetic_plans.plan_preset("nope", tmp_path)
+
+
+def test_speed_report_writes_tables_json_and_figure(tmp_path, clean_nnunet_env, monkeypatch, capsys):
+    tiny = PlanPreset("tiny 2D", 979, "2d", {"0": "x"}, {"background": 0, "a": 1}, (999.0, 1.0, 1.0), (1, 32, 32),
+                      40, ".png")
+    monkeypatch.setitem(synthetic_plans.PRESETS, "tiny", tiny)
+    out = tmp_path / "report"
+    rc = speed_report.main(["--out", str(out), "--presets", "tiny", "-tr", "nnUNetTrainer", "nnUNetTrainerLGMSNet",
+                            "--repeats", "1", "--warmup", "0"])
+    assert rc == 0
+    sections = json.loads((out / "speed_report.json").read_text())
+    assert [s["preset"] for s in sections] == ["tiny"]
+    rows = sections[0]["rows"]
+    assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "nnUNetTrainerLGMSNet"]
+    for r in rows:
+        assert r["patch_size"] == [32, 32] and r["gflops"] > 0 and r["inference_s"] > 0 and r["train_step_s"] > 0
+    (entry,) = speed_report.time_vs_flops(rows)
+    assert math.isclose(entry["flop_ratio"], rows[1]["gflops"] / rows[0]["gflops"])
+    assert math.isclose(entry["train_step_time_ratio"], rows[1]["train_step_s"] / rows[0]["train_step_s"])
+    md = (out / "speed_report.md").read_text()
+    assert "| tiny | nnUNetTrainerLGMSNet | " + f"{entry['flop_ratio']:.2f} |" in md
+    assert (out / "speed_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
