@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_lgms.networks.blocks import in_memory_format_of, is_channels_last
-from nnunetv2_lgms.networks.lgms_blocks import LocalMultiscaleBlock
+from nnunetv2_lgms.networks.blocks import ConvNormAct, in_memory_format_of, is_channels_last
+from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
 
 DTYPES = [torch.float64, torch.float32]
@@ -30,11 +30,25 @@ def magnitude(tensors) -> float:
 def plain_copy(net: nn.Module) -> nn.Module:
     ref = copy.deepcopy(net)
     for m in ref.modules():
+        if isinstance(m, (ConvNormAct, FusionConv)):
+            m.fold_batch_norm = False
         if isinstance(m, LocalMultiscaleBlock):
             m.channels_last_depthwise = False
         if isinstance(m, LGMSNet):
             m.cpu_channels_last = False
     return ref
+
+
+def randomise_norm_statistics(net: nn.Module) -> None:
+    """Running statistics and affine parameters far from their initial 0/1, so that folding them is exercised."""
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g))
 
 
 def forward_backward(net, x, outputs_of):
@@ -87,6 +101,7 @@ def test_lgmsnet_speed_paths_equal_plain_network(dim, patch, strides, train, dty
     kernels = [[1, 3, 3]] + [[3, 3, 3]] * 4 if dim == 3 else [[3, 3]] * 5
     net = LGMSNet.from_plan(patch, strides, kernels, 2, 3, deep_supervision=train).to(dtype)
     assert net.cpu_channels_last == (dim == 2)
+    randomise_norm_statistics(net)  # eval mode: BatchNorms folded into convs
     ref = plain_copy(net)
     net.train(train)
     ref.train(train)
@@ -104,3 +119,22 @@ def test_in_memory_format_of_follows_the_reference_layout():
     assert is_channels_last(in_memory_format_of(t, ref_cl))
     assert in_memory_format_of(ref_cl, t).is_contiguous()
     torch.testing.assert_close(in_memory_format_of(t, ref_cl), t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_folding_in_eval_equals_conv_then_norm(dtype):
+    torch.manual_seed(0)
+    blocks = nn.Sequential(ConvNormAct(nn.Conv2d, 6, 8, 3, nn.BatchNorm2d, nn.SiLU, bias=True),
+                           ConvNormAct(nn.Conv2d, 8, 8, 1, nn.BatchNorm2d, nn.ReLU),
+                           FusionConv(nn.Conv2d, 8, 4, nn.BatchNorm2d)).to(dtype)
+    randomise_norm_statistics(blocks)
+    ref = plain_copy(blocks)
+    blocks.eval()
+    ref.eval()
+    x = torch.randn(2, 6, 12, 10, dtype=dtype)
+    assert_same(forward_backward(blocks, x, lambda y: [y]), forward_backward(ref, x, lambda y: [y]))
+    # training mode does not fold: batch statistics, and the running statistics are updated as usual
+    blocks.train()
+    before = blocks[0][1].running_mean.clone()
+    blocks(x)
+    assert not torch.equal(before, blocks[0][1].running_mean)

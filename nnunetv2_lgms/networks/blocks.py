@@ -45,11 +45,30 @@ def instance_norm_for(conv_op: Type[_ConvNd]) -> Type[nn.Module]:
     return {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[convert_conv_op_to_dim(conv_op)]
 
 
+def batch_norm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as ``y * scale + shift`` per channel (running statistics)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return scale, shift
+
+
+def foldable_batch_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats
+
+
 class ConvNormAct(nn.Sequential):
     """``conv -> norm -> act`` (or ``conv -> act -> norm`` with ``act_first=True``), padding 'same'.
 
     Shapes: ``(B, C_in, *S) -> (B, C_out, *S)`` for stride 1.
+
+    Speed (``fold_batch_norm``): in eval mode a BatchNorm right after the conv is folded into the conv's weights and
+    bias on the fly (``w * s``, ``(b - mean) * s + beta``), which saves one full pass over the feature map; the
+    result is the same up to float rounding. Training is unaffected.
     """
+
+    fold_batch_norm: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size: IntOrSeq,
                  norm_op: Optional[Type[nn.Module]], act: Optional[Type[nn.Module]], bias: bool = False,
@@ -64,6 +83,19 @@ class ConvNormAct(nn.Sequential):
         if act is not None:
             post.insert(0 if act_first else len(post), act())
         super().__init__(*layers, *post)
+        self.norm_follows_conv = norm_op is not None and not act_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not (self.fold_batch_norm and self.norm_follows_conv and foldable_batch_norm(self[1])):
+            return super().forward(x)
+        conv = self[0]
+        scale, shift = batch_norm_affine(self[1])
+        weight = conv.weight * scale.reshape(-1, *[1] * (conv.weight.ndim - 1))
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        x = conv._conv_forward(x, weight, bias)
+        for layer in list(self)[2:]:
+            x = layer(x)
+        return x
 
 
 def channels_last_format(dim: int) -> torch.memory_format:

@@ -10,8 +10,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_for, channels_last_format, in_memory_format_of,
-                                           interpolate_to, restrict_kernel, same_padding)
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, channels_last_format,
+                                           foldable_batch_norm, in_memory_format_of, interpolate_to, restrict_kernel,
+                                           same_padding)
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
 
@@ -114,7 +115,14 @@ class GlobalMultiscaleBlock(nn.Module):
 
 class FusionConv(nn.Sequential):
     """Decoder fusion (CMUNeXt style), activation before norm: 3x3 grouped (2) conv, 1x1 to 4*C_out, 1x1 to C_out,
-    each followed by GELU then norm. ``(B, C_in, *S) -> (B, C_out, *S)``."""
+    each followed by GELU then norm. ``(B, C_in, *S) -> (B, C_out, *S)``.
+
+    Speed (``fold_batch_norm``): in eval mode the BatchNorms of the first two layers are folded into the following
+    1x1 convs (``W diag(s)``, ``b + W t``), saving two passes over the widest (4*C_out) maps; same result up to
+    rounding. Training is unaffected.
+    """
+
+    fold_batch_norm: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, norm_op: Type[nn.Module],
                  norm_kwargs: Optional[dict] = None, plan_kernel: Optional[Sequence[int]] = None):
@@ -124,6 +132,21 @@ class FusionConv(nn.Sequential):
             ConvNormAct(conv_op, in_channels, in_channels, restrict_kernel(3, plan_kernel), groups=2, **kw),
             ConvNormAct(conv_op, in_channels, 4 * out_channels, 1, **kw),
             ConvNormAct(conv_op, 4 * out_channels, out_channels, 1, **kw))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not (self.fold_batch_norm and all(foldable_batch_norm(layer[2]) for layer in self)):
+            return super().forward(x)
+        pending = None  # the previous layer's BatchNorm, applied through this layer's 1x1 conv
+        for conv, act, norm in self:
+            weight, bias = conv.weight, conv.bias
+            if pending is not None:
+                scale, shift = batch_norm_affine(pending)
+                w2d = weight.flatten(1)  # 1x1 conv: (C_out, C_in)
+                weight = weight * scale.reshape(1, -1, *[1] * (weight.ndim - 2))
+                bias = bias + w2d @ shift
+            x = act(conv._conv_forward(x, weight, bias))
+            pending = norm
+        return pending(x)
 
 
 class UpConv(nn.Module):
