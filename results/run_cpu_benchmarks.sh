@@ -44,11 +44,15 @@ nnunetv2_lgms evaluate-unseen -d 601 -c 2d -tr nnUNetTrainerBaseline_cpubench nn
 mkdir -p "$RESULTS/zero_shot_kvasir_to_cvc" && cp "$WORK/unseen/unseen.md" "$RESULTS/zero_shot_kvasir_to_cvc/"
 
 # 5. profiles on the real plans (the plan's batch; one preprocessed case for the sliding window)
-nnunetv2_lgms profile -d 601 -c 2d -tr nnUNetTrainer nnUNetTrainerLGMSNet nnUNetTrainerGLIMS --repeats 2 \
+nnunetv2_lgms profile -d 601 -c 2d -tr nnUNetTrainer nnUNetTrainerLGMSNet nnUNetTrainerGLIMS --repeats 1 \
   --markdown "$RESULTS/kvasir_2d/profile.md" --json "$RESULTS/kvasir_2d/profile.json"
-nnunetv2_lgms profile -d 604 -c 3d_fullres -tr nnUNetTrainer nnUNetTrainerLGMSNet nnUNetTrainerGLIMS --repeats 2 \
+nnunetv2_lgms profile -d 604 -c 3d_fullres -tr nnUNetTrainer nnUNetTrainerLGMSNet nnUNetTrainerGLIMS --repeats 1 \
   --markdown "$RESULTS/hippocampus_3d/profile.md" --json "$RESULTS/hippocampus_3d/profile.json"
 
 # 6. speed report (issue 6) on nnU-Net's plans for a 256x256 2D dataset and for Hippocampus; and the BTCV-sized plan
 python -m nnunetv2_lgms.benchmark.speed_report --out "$RESULTS/speed_cpu"
-python -m nnunetv2_lgms.benchmark.speed_report --presets abdomen-ct-3d --repeats 1 --out "$RESULTS/speed_cpu_abdomen_ct"
+python -m nnunetv2_lgms.benchmark.speed_paths > "$RESULTS/speed_cpu/speed_paths.md"
+# the BTCV-sized plan: batch-1 forward only. Its training step (112x160x128, batch 2: 5.7x the voxels of the
+# Hippocampus batch, where GLIMS needed 12.8 GB of tensor memory) was not attempted on this 24 GB machine.
+python -m nnunetv2_lgms.benchmark.speed_report --presets abdomen-ct-3d --batch-1-only --repeats 1 \
+  --out "$RESULTS/speed_cpu_abdomen_ct"

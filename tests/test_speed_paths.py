@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
 from nnunetv2_lgms.networks.blocks import ConvNormAct, in_memory_format_of, is_channels_last
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
@@ -28,15 +29,7 @@ def magnitude(tensors) -> float:
 
 
 def plain_copy(net: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(net)
-    for m in ref.modules():
-        if isinstance(m, (ConvNormAct, FusionConv)):
-            m.fold_batch_norm = False
-        if isinstance(m, LocalMultiscaleBlock):
-            m.channels_last_depthwise = False
-        if isinstance(m, LGMSNet):
-            m.cpu_channels_last = False
-    return ref
+    return disable_speed_paths(copy.deepcopy(net))
 
 
 def randomise_norm_statistics(net: nn.Module) -> None:

@@ -55,3 +55,18 @@ def test_speed_report_writes_tables_json_and_figure(tmp_path, clean_nnunet_env, 
     md = (out / "speed_report.md").read_text()
     assert "| tiny | nnUNetTrainerLGMSNet | " + f"{entry['flop_ratio']:.2f} |" in md
     assert (out / "speed_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speed_paths_table(tmp_path, clean_nnunet_env, monkeypatch, capsys):
+    from nnunetv2_lgms.benchmark import speed_paths
+
+    tiny = PlanPreset("tiny 2D", 978, "2d", {"0": "x"}, {"background": 0, "a": 1}, (999.0, 1.0, 1.0), (1, 32, 32),
+                      40, ".png")
+    monkeypatch.setitem(synthetic_plans.PRESETS, "tiny", tiny)
+    assert speed_paths.main(["--presets", "tiny", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1].startswith("patch 32x32, batch")
+    for seconds, gain in ((cells[2], cells[4]), (cells[5], cells[7])):
+        assert float(seconds.rstrip(" s")) > 0 and float(gain.rstrip("x")) > 0

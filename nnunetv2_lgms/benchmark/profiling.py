@@ -50,6 +50,7 @@ class ProfileSettings:
     case: Optional[str] = None
     memory: bool = True
     compile: bool = False  # torch.compile both networks (as nnU-Net does on CUDA); FLOPs counted on the eager net
+    batch: bool = True  # also time the forward and the training step at the plan's batch (off: batch-1 forward only)
 
 
 class _Subject:
@@ -252,9 +253,9 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
             s.train_net, s.eval_net = torch.compile(s.train_net), torch.compile(s.eval_net)
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn((1, c_in, *patch), generator=g).to(device)
-    xb = torch.randn((batch, c_in, *patch), generator=g).to(device)
+    xb = torch.randn((batch if settings.batch else 1, c_in, *patch), generator=g).to(device)
     loss_fns, targets = {}, {}
-    for s in subjects:
+    for s in (subjects if settings.batch else []):
         with torch.no_grad():
             out = s.train_net(xb)
         n_out = len(out) if isinstance(out, (list, tuple)) else 1
@@ -291,16 +292,18 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
         order = subjects[rep % len(subjects):] + subjects[:rep % len(subjects)]
         for s in order:
             t_bs1 = _timed(forward(s, x1), device)
-            t_bs = _timed(forward(s, xb), device)
-            t_train = _timed(train_step(s), device)
             if rep >= settings.warmup:
                 s.record("inference_bs1_s", t_bs1)
-                s.record("inference_s", t_bs)
-                s.record("train_step_s", t_train)
+            if settings.batch:
+                t_bs = _timed(forward(s, xb), device)
+                t_train = _timed(train_step(s), device)
+                if rep >= settings.warmup:
+                    s.record("inference_s", t_bs)
+                    s.record("train_step_s", t_train)
         log(f"repetition {rep + 1}/{total}{' (warm-up)' if rep < settings.warmup else ''} done")
 
     memory = {}
-    if settings.memory:
+    if settings.memory and settings.batch:
         for s in subjects:
             memory[s.name] = (_measure_memory(s, train_step(s), device, xb, *_flat(targets[s.name])),
                               _measure_memory(s, forward(s, x1), device, x1))

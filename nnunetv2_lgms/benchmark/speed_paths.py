@@ -1,0 +1,97 @@
+"""What LGMSNet's CPU speed paths gain: the same network with every speed switch on (default) and off, timed
+interleaved on the plans of the speed report (forward at the plan's batch in eval mode, training step with
+SGD). The math is the same either way (``tests/test_speed_paths.py``)::
+
+    python -m nnunetv2_lgms.benchmark.speed_paths [--presets 2d-256 hippocampus-3d] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from nnunetv2_lgms.benchmark.tables import markdown_table
+from nnunetv2_lgms.networks.blocks import ConvNormAct
+from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
+from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+
+
+def disable_speed_paths(net: nn.Module) -> nn.Module:
+    """Switch every speed path of the module tree off (in place): the plain reference computation."""
+    for m in net.modules():
+        if isinstance(m, (ConvNormAct, FusionConv)):
+            m.fold_batch_norm = False
+        if isinstance(m, LocalMultiscaleBlock):
+            m.channels_last_depthwise = False
+        if isinstance(m, LGMSNet):
+            m.cpu_channels_last = False
+    return net
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nnunetv2_lgms.benchmark.speed_paths", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["2d-256", "hippocampus-3d"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    from nnunetv2_lgms.benchmark.synthetic_plans import describe, plan_preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nnunetv2_lgms_paths_") as tmp:
+        for key in args.presets:
+            ctx = plan_preset(key, Path(tmp))
+            arch = ctx.configuration_manager.network_arch_init_kwargs
+            torch.manual_seed(0)
+            fast = LGMSNet.from_plan(ctx.patch_size, arch["strides"], arch["kernel_sizes"], ctx.num_input_channels,
+                                     ctx.num_output_channels, deep_supervision=True)
+            plain = disable_speed_paths(copy.deepcopy(fast))
+            x = torch.randn(ctx.batch_size, ctx.num_input_channels, *ctx.patch_size)
+            times = {("on", "fwd"): [], ("on", "train"): [], ("off", "fwd"): [], ("off", "train"): []}
+            nets = {"on": fast, "off": plain}
+            opts = {k: torch.optim.SGD(n.parameters(), 1e-2, momentum=0.99, nesterov=True) for k, n in nets.items()}
+            for rep in range(args.repeats + 1):  # the first is a warm-up
+                for name in (("on", "off") if rep % 2 == 0 else ("off", "on")):
+                    net = nets[name]
+                    net.eval()
+                    net.decoder.deep_supervision = False
+                    t = time.perf_counter()
+                    with torch.no_grad():
+                        net(x)
+                    t_fwd = time.perf_counter() - t
+                    net.train()
+                    net.decoder.deep_supervision = True
+                    t = time.perf_counter()
+                    opts[name].zero_grad(set_to_none=True)
+                    sum(o.float().mean() for o in net(x)).backward()
+                    opts[name].step()
+                    t_train = time.perf_counter() - t
+                    if rep:
+                        times[(name, "fwd")].append(t_fwd)
+                        times[(name, "train")].append(t_train)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append([key, describe(ctx),
+                         f"{med[('off', 'fwd')]:.2f} s", f"{med[('on', 'fwd')]:.2f} s",
+                         f"{med[('off', 'fwd')] / med[('on', 'fwd')]:.2f}x",
+                         f"{med[('off', 'train')]:.2f} s", f"{med[('on', 'train')]:.2f} s",
+                         f"{med[('off', 'train')] / med[('on', 'train')]:.2f}x"])
+            print(f"[{key}] done", file=sys.stderr, flush=True)
+    print(f"LGMSNet, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} "
+          f"interleaved repetitions after 1 warm-up\n")
+    print(markdown_table(["plan", "nnU-Net plan", "forward, paths off", "forward, paths on", "gain",
+                          "train step, paths off", "train step, paths on", "gain"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
