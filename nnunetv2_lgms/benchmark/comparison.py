@@ -213,12 +213,13 @@ def boxplot(c: Comparison, path: Path) -> None:
     for tf in c.trainers:
         vals = [v for v in tf.per_case("Dice").values() if not math.isnan(v)]
         data.append(vals)
-        labels.append(f"{tf.trainer}\n(n={len(vals)})")
+        folds = ", ".join(str(f) for f in sorted(tf.summaries)) or "none"
+        labels.append(f"{tf.trainer}\n(folds {folds}; n={len(vals)})")
     fig, ax = plt.subplots(figsize=(max(4.0, 2.2 * len(data)), 4.5))
     ax.boxplot(data, showmeans=True)
-    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7, rotation=12, ha="right")
     ax.set_ylabel("per-case foreground-mean Dice")
-    ax.set_title(f"{c.dataset} {c.configuration}, folds {fmt_list(c.folds)}", fontsize=9)
+    ax.set_title(f"{c.dataset} {c.configuration} (folds requested: {fmt_list(c.folds)})", fontsize=9)
     ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

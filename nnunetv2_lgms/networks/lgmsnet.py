@@ -151,7 +151,7 @@ class LGMSNet(nn.Module):
     Outputs are contiguous (NC(D)HW) tensors whatever the internal memory format.
 
     Speed (``cpu_channels_last``): on CPU the 2D network runs in channels-last memory format (with BatchNorm folding
-    in eval mode, the 2D forward on the 256x256 batch-12 plan went from 1.75 s to 1.39 s on 2 cores; the training
+    in eval mode, the 2D forward on the 256x256 batch-12 plan went from 2.10 s to 1.46 s on 2 cores; the training
     step was unchanged). The 3D network keeps NCDHW (its InstanceNorm and trilinear upsampling copy channels-last
     inputs); only its LMS depthwise stage switches format in training (see :class:`LocalMultiscaleBlock`). On CUDA
     the input's format is kept. The math is identical either way (tested against the plain path).
