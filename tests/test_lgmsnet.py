@@ -2,9 +2,6 @@
 attention path against an explicit reference."""
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,7 +13,7 @@ from nnunetv2_lgms.networks.sparse_attention import (MultiHeadSelfAttention, fro
                                                      to_sparse_tokens)
 from nnunetv2_lgms.trainers import nnUNetTrainerLGMSNet
 
-from plans_utils import PLANS, configuration_manager, managers
+from plans_utils import PLANS, managers
 
 torch.manual_seed(0)
 
