@@ -47,7 +47,8 @@ def randomise_norm_statistics(net: nn.Module) -> None:
 def forward_backward(net, x, outputs_of):
     x = x.clone().requires_grad_(True)
     out = outputs_of(net(x))
-    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out)  # position-dependent
+    # a position-dependent loss, so that a misplaced value changes the gradients
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out)
     loss.backward()
     return [o.detach() for o in out], x.grad, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
 

@@ -326,7 +326,7 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
                  "patch_size": list(patch), "batch_size": batch, "input_channels": c_in,
                  "output_channels": ctx.num_output_channels, "repeats": settings.repeats, "warmup": settings.warmup,
                  "compiled": settings.compile,
-                 "peak_memory_method": memory_method(device) if settings.memory else None,
+                 "peak_memory_method": memory_method(device) if settings.memory and settings.batch else None,
                  "sliding_window_case": case_id, "sliding_window_case_shape": case_shape,
                  "sliding_window_tiles": n_tiles, "sliding_window_step_size": settings.step_size,
                  "sliding_window_repeats": settings.sliding_window_repeats if settings.sliding_window else 0})
@@ -391,8 +391,8 @@ def render_markdown(rows: List[dict]) -> str:
     lines = [f"{m['dataset']} · {m['configuration']} · {m['plans']}: patch {'x'.join(map(str, m['patch_size']))}, "
              f"batch {m['batch_size']}, {m['input_channels']} in / {m['output_channels']} out",
              f"device {m['device']} ({m['device_name']}), torch {m['torch_version']}, {m['torch_threads']} threads, "
-             f"AMP {'on' if m['amp'] else 'off'}, torch.compile {'on' if m.get('compiled') else 'off'}; median of {m['repeats']} interleaved repetitions after "
-             f"{m['warmup']} warm-up"]
+             f"AMP {'on' if m['amp'] else 'off'}, torch.compile {'on' if m.get('compiled') else 'off'}; "
+             f"median of {m['repeats']} interleaved repetitions after {m['warmup']} warm-up"]
     if m.get("sliding_window_case"):
         lines.append(f"sliding window: case {m['sliding_window_case']} {tuple(m['sliding_window_case_shape'])}, "
                      f"{m['sliding_window_tiles']} tiles at step {m['sliding_window_step_size']}, "

@@ -104,11 +104,14 @@ def channels_last_format(dim: int) -> torch.memory_format:
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
-    return x.ndim in (4, 5) and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last_format(x.ndim - 2))
+    if x.ndim not in (4, 5) or x.is_contiguous():
+        return False
+    return x.is_contiguous(memory_format=channels_last_format(x.ndim - 2))
 
 
 def in_memory_format_of(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``x`` in ``reference``'s memory format (channels-last or contiguous); elementwise ops on mixed formats are slow."""
+    """``x`` in ``reference``'s memory format (channels-last or contiguous): elementwise ops on mixed formats are
+    slow."""
     if is_channels_last(reference):
         return x.contiguous(memory_format=channels_last_format(reference.ndim - 2))
     return x.contiguous()

@@ -59,7 +59,8 @@ class LocalMultiscaleBlock(nn.Module):
         dw_in = x
         if self.channels_last_depthwise and x.device.type == "cpu" and torch.is_grad_enabled():
             dw_in = x.contiguous(memory_format=channels_last_format(x.ndim - 2))
-        multiscale = torch.cat([conv(part) for conv, part in zip(self.depthwise, dw_in.split(self.chunk, dim=1))], dim=1)
+        parts = dw_in.split(self.chunk, dim=1)
+        multiscale = torch.cat([conv(part) for conv, part in zip(self.depthwise, parts)], dim=1)
         y = self.act(self.norm(in_memory_format_of(multiscale, x) + x))
         return self.expand(self.reduce(y)) + x
 
