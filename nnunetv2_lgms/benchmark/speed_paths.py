@@ -43,6 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
+    from nnunetv2_lgms.benchmark.models import build_network, find_trainer_class
     from nnunetv2_lgms.benchmark.synthetic_plans import describe, plan_preset
 
     if args.threads:
@@ -51,10 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nnunetv2_lgms_paths_") as tmp:
         for key in args.presets:
             ctx = plan_preset(key, Path(tmp))
-            arch = ctx.configuration_manager.network_arch_init_kwargs
             torch.manual_seed(0)
-            fast = LGMSNet.from_plan(ctx.patch_size, arch["strides"], arch["kernel_sizes"], ctx.num_input_channels,
-                                     ctx.num_output_channels, deep_supervision=True)
+            fast = build_network(find_trainer_class("nnUNetTrainerLGMSNet"), ctx, deep_supervision=True)
             plain = disable_speed_paths(copy.deepcopy(fast))
             x = torch.randn(ctx.batch_size, ctx.num_input_channels, *ctx.patch_size)
             times = {("on", "fwd"): [], ("on", "train"): [], ("off", "fwd"): [], ("off", "train"): []}

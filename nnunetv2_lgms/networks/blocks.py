@@ -103,6 +103,11 @@ def channels_last_format(dim: int) -> torch.memory_format:
     return {2: torch.channels_last, 3: torch.channels_last_3d}[dim]
 
 
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (a 2D or 3D feature map) in channels-last memory format; a no-op when it already is."""
+    return x.contiguous(memory_format=channels_last_format(x.ndim - 2))
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     if x.ndim not in (4, 5) or x.is_contiguous():
         return False
@@ -113,7 +118,7 @@ def in_memory_format_of(x: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     """``x`` in ``reference``'s memory format (channels-last or contiguous): elementwise ops on mixed formats are
     slow."""
     if is_channels_last(reference):
-        return x.contiguous(memory_format=channels_last_format(reference.ndim - 2))
+        return to_channels_last(x)
     return x.contiguous()
 
 

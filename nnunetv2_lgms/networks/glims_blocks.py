@@ -15,7 +15,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_lgms.networks.blocks import ConvNormAct, as_tuple, instance_norm_for, restrict_kernel, same_padding
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, as_tuple, instance_norm_for, restrict_kernel, same_padding,
+                                           to_channels_last)
 
 
 def conv_in_prelu(conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size=1) -> ConvNormAct:
@@ -39,10 +40,6 @@ class StridedConvINPReLU(nn.Sequential):
                          instance_norm_for(conv_op)(out_channels), nn.PReLU())
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
-
-
 def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
     """``conv(x)`` for a depthwise 'same'-padded (dilated) conv, computed in a form that is fast on CPU.
 
@@ -58,7 +55,7 @@ def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
     dil = [d if k > 1 else 1 for d, k in zip(conv.dilation, kernel)]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if all(d == 1 for d in dil) or not needs_grad:
-        return conv(_channels_last(x))
+        return conv(to_channels_last(x))
     dims = len(size)
     padded = [-(-(s + 2 * p) // d) * d for s, p, d in zip(size, conv.padding, dil)]
     pads = [(p, t - s - p) for s, p, t in zip(size, conv.padding, padded)]
@@ -67,7 +64,7 @@ def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
     x = x.view(b, c, *[v for pair in zip(n, dil) for v in pair])  # B, C, n0, d0, n1, d1, ...
     x = x.permute(0, *range(3, 2 * dims + 2, 2), 1, *range(2, 2 * dims + 2, 2)).reshape(-1, c, *n)
     conv_fn = F.conv2d if dims == 2 else F.conv3d
-    y = conv_fn(_channels_last(x), conv.weight, conv.bias, groups=conv.groups)
+    y = conv_fn(to_channels_last(x), conv.weight, conv.bias, groups=conv.groups)
     m = list(y.shape[2:])  # n - (k - 1) per axis
     y = y.view(b, *dil, c, *m).permute(0, dims + 1, *[v for i in range(dims) for v in (dims + 2 + i, 1 + i)])
     y = y.reshape(b, c, *[a * d for a, d in zip(m, dil)])

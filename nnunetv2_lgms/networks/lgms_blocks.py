@@ -10,9 +10,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, channels_last_format,
-                                           foldable_batch_norm, in_memory_format_of, interpolate_to, restrict_kernel,
-                                           same_padding)
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, foldable_batch_norm,
+                                           in_memory_format_of, interpolate_to, restrict_kernel, same_padding,
+                                           to_channels_last)
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
 
@@ -58,7 +58,7 @@ class LocalMultiscaleBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dw_in = x
         if self.channels_last_depthwise and x.device.type == "cpu" and torch.is_grad_enabled():
-            dw_in = x.contiguous(memory_format=channels_last_format(x.ndim - 2))
+            dw_in = to_channels_last(x)
         parts = dw_in.split(self.chunk, dim=1)
         multiscale = torch.cat([conv(part) for conv, part in zip(self.depthwise, parts)], dim=1)
         y = self.act(self.norm(in_memory_format_of(multiscale, x) + x))

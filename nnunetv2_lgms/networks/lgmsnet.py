@@ -28,8 +28,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, convert_dim_to_conv_op
 
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_for, channels_last_format, count_parameters,
-                                           instance_norm_for)
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_for, count_parameters, instance_norm_for,
+                                           to_channels_last)
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, GlobalMultiscaleBlock, LocalMultiscaleBlock, UpConv
 
 NUM_LEVELS = 5  # the paper's topology: 4 downsamplings
@@ -183,7 +183,7 @@ class LGMSNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.cpu_channels_last and x.device.type == "cpu":
-            x = x.contiguous(memory_format=channels_last_format(x.ndim - 2))
+            x = to_channels_last(x)
         out = self.decoder(self.encoder(x))
         return [o.contiguous() for o in out] if isinstance(out, list) else out.contiguous()
 
