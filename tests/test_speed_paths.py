@@ -132,3 +132,57 @@ def test_batch_norm_folding_in_eval_equals_conv_then_norm(dtype):
     before = blocks[0][1].running_mean.clone()
     blocks(x)
     assert not torch.equal(before, blocks[0][1].running_mean)
+
+
+def _derived(net):
+    return [m.__dict__["_derived_for_inference"] for m in net.modules() if "_derived_for_inference" in m.__dict__]
+
+
+def test_folded_weights_are_reused_in_inference_until_a_weight_or_statistic_changes():
+    """Eval-mode folding runs once and is reused (fewer kernel launches on CUDA); every way a weight or a BatchNorm
+    statistic changes (optimiser step, training-mode statistics, load_state_dict, in-place edit, dtype) refreshes it."""
+    torch.manual_seed(0)
+    net = LGMSNet.from_plan((32, 32), [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]], [[3, 3]] * 5, 3, 2,
+                            deep_supervision=False)
+    randomise_norm_statistics(net)
+    x = torch.randn(2, 3, 32, 32)
+
+    def assert_equals_plain_network():
+        ref = plain_copy(net).eval()
+        net.eval()
+        with torch.no_grad():
+            out, expected = net(x), ref(x)
+        close(out, expected, magnitude([expected]))
+
+    assert_equals_plain_network()
+    first = _derived(net)
+    assert len(first) > 10  # every folding ConvNormAct and FusionConv keeps its folded weights
+    with torch.no_grad():
+        net(x)
+    assert all(a is b for a, b in zip(first, _derived(net)))  # reused, not re-derived
+
+    net.train()  # training: batch statistics update the running ones, then an SGD step changes the weights
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(x).square().mean().backward()
+    opt.step()
+    assert_equals_plain_network()
+    assert not any(a is b for a, b in zip(first, _derived(net)))
+
+    other = LGMSNet.from_plan((32, 32), [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]], [[3, 3]] * 5, 3, 2,
+                              deep_supervision=False)
+    randomise_norm_statistics(other)
+    net.load_state_dict(other.state_dict())
+    assert_equals_plain_network()
+
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_var.mul_(3)
+        next(iter(net.parameters())).mul_(-1)
+    assert_equals_plain_network()
+
+    net.double()
+    x = x.double()
+    assert_equals_plain_network()
+    folded = [t for _sources, value in _derived(net) for t in torch.utils._pytree.tree_leaves(value)]
+    assert folded and all(t.dtype == torch.float64 for t in folded)

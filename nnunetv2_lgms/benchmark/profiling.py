@@ -238,8 +238,10 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
     from nnunetv2_lgms.flops import count_flops
 
     device = torch.device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError("--device cuda but torch.cuda.is_available() is False")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchmarkError("--device cuda but torch.cuda.is_available() is False")
+        torch.backends.cudnn.benchmark = True  # as nnUNetv2_train sets it on CUDA
     patch, batch, c_in = ctx.patch_size, ctx.batch_size, ctx.num_input_channels
     case_id, data = load_case(ctx, settings.case) if settings.sliding_window else (None, None)  # fail early
     subjects = []
@@ -250,14 +252,17 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
     for s in subjects:
         flops[s.name] = count_flops(s.eval_net, (1, c_in, *patch), device=settings.device)
         if settings.compile:
-            s.train_net, s.eval_net = torch.compile(s.train_net), torch.compile(s.eval_net)
+            # static shapes: batch 1 and the plan's batch each get their own graph, as a predictor (batch 1) and a
+            # trainer (the plan's batch) would compile them, instead of one dynamic-batch graph for both
+            s.train_net = torch.compile(s.train_net, dynamic=False)
+            s.eval_net = torch.compile(s.eval_net, dynamic=False)
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn((1, c_in, *patch), generator=g).to(device)
     xb = torch.randn((batch if settings.batch else 1, c_in, *patch), generator=g).to(device)
     loss_fns, targets = {}, {}
     for s in (subjects if settings.batch else []):
-        with torch.no_grad():
-            out = s.train_net(xb)
+        with torch.no_grad():  # output shapes only: the eager module, not one more compiled graph
+            out = getattr(s.train_net, "_orig_mod", s.train_net)(xb)
         n_out = len(out) if isinstance(out, (list, tuple)) else 1
         loss_fns[s.name] = build_loss(ctx, n_out).to(device)
         targets[s.name] = _make_targets(ctx, out, batch, device)
@@ -326,6 +331,7 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
                  "patch_size": list(patch), "batch_size": batch, "input_channels": c_in,
                  "output_channels": ctx.num_output_channels, "repeats": settings.repeats, "warmup": settings.warmup,
                  "compiled": settings.compile,
+                 "cudnn_benchmark": device.type == "cuda",
                  "peak_memory_method": memory_method(device) if settings.memory and settings.batch else None,
                  "sliding_window_case": case_id, "sliding_window_case_shape": case_shape,
                  "sliding_window_tiles": n_tiles, "sliding_window_step_size": settings.step_size,

@@ -93,6 +93,16 @@ def plot(sections: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(sections: List[dict], command: str, out: Path, seconds: float) -> str:
+    """Write speed_report.md/.json/.png for the plans measured so far; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = render_report(sections, command) + f"\nWall time of the report: {seconds:.0f} s.\n"
+    (out / "speed_report.md").write_text(report)
+    (out / "speed_report.json").write_text(json.dumps(sections, indent=2))
+    plot(sections, out / "speed_report.png")
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nnunetv2_lgms.benchmark.speed_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,9 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     ensure_ext_trainer()
     settings = ProfileSettings(device=args.device, repeats=args.repeats, warmup=args.warmup, sliding_window=False,
-                               memory=False, compile=args.compile, batch=not args.batch_1_only)
+                               memory=args.device == "cuda", compile=args.compile, batch=not args.batch_1_only)
     command = "python -m nnunetv2_lgms.benchmark.speed_report " + " ".join(argv if argv is not None else sys.argv[1:])
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    out = Path(args.out)
     sections = []
     t0 = time.time()
     try:
@@ -133,15 +144,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows = profile_trainers(ctx, args.trainers, settings, log=log)
                 sections.append({"preset": key, "description": f"{PRESETS[key].description}; nnU-Net plan "
                                                                 f"{describe(ctx)}", "rows": rows})
+                # after every plan, so a run stopped early (a time limit on a lent GPU) keeps the finished ones
+                report = write_report(sections, command, out, time.time() - t0)
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = render_report(sections, command) + f"\nWall time of the report: {time.time() - t0:.0f} s.\n"
-    (out / "speed_report.md").write_text(report)
-    (out / "speed_report.json").write_text(json.dumps(sections, indent=2))
-    plot(sections, out / "speed_report.png")
     print(report)
     print(f"written: {out / 'speed_report.md'}, speed_report.json, speed_report.png")
     return 0

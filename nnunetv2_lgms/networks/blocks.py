@@ -5,7 +5,7 @@ derives the matching norm/pool ops from it, so one class serves 2D and 3D.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
 IntOrSeq = Union[int, Sequence[int]]
+T = TypeVar("T")
 
 
 def as_tuple(value: IntOrSeq, dim: int) -> Tuple[int, ...]:
@@ -58,14 +59,51 @@ def foldable_batch_norm(norm: nn.Module) -> bool:
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats
 
 
+def _is_compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn and fn())
+
+
+def derived_for_inference(owner: nn.Module, sources: Sequence[torch.Tensor], derive: Callable[[], T]) -> T:
+    """``derive()``, reused by later calls while every tensor in ``sources`` is unchanged: the same memory and the
+    same in-place version counter (optimiser steps, ``load_state_dict``, ``.to()`` and BatchNorm statistic updates
+    all change one of them). The value is kept on ``owner`` (not in its ``state_dict``).
+
+    Why: on CUDA, eager inference of these networks at nnU-Net's patch sizes is bound by kernel launches, and folding
+    a BatchNorm into its conv on every call costs about seven small launches. Reused only in eager no-grad code:
+    with autograd on, the derived tensors must be part of the graph; under ``torch.compile`` the derivation is traced
+    and fused instead.
+    """
+    if torch.is_grad_enabled() or _is_compiling() or any(t.device.type == "meta" for t in sources):
+        return derive()
+    cached = owner.__dict__.get("_derived_for_inference")
+    if cached is not None and len(cached[0]) == len(sources) and all(
+            s.data_ptr() == ref.data_ptr() and s._version == version and s.dtype == ref.dtype
+            for s, (ref, version) in zip(sources, cached[0])):
+        return cached[1]
+    value = derive()
+    # the detached references keep the old memory alive, so an equal data_ptr can only mean the same memory
+    owner.__dict__["_derived_for_inference"] = ([(s.detach(), s._version) for s in sources], value)
+    return value
+
+
+def fold_batch_norm_after(conv: _ConvNd, norm: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``conv`` followed by eval-mode ``norm``: ``w * s`` and ``(b - mean) * s + beta``."""
+    scale, shift = batch_norm_affine(norm)
+    weight = conv.weight * scale.reshape(-1, *[1] * (conv.weight.ndim - 1))
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return weight, bias
+
+
 class ConvNormAct(nn.Sequential):
     """``conv -> norm -> act`` (or ``conv -> act -> norm`` with ``act_first=True``), padding 'same'.
 
     Shapes: ``(B, C_in, *S) -> (B, C_out, *S)`` for stride 1.
 
     Speed (``fold_batch_norm``): in eval mode a BatchNorm right after the conv is folded into the conv's weights and
-    bias on the fly (``w * s``, ``(b - mean) * s + beta``), which saves one full pass over the feature map; the
-    result is the same up to float rounding. Training is unaffected.
+    bias (``w * s``, ``(b - mean) * s + beta``), which saves one full pass over the feature map; the result is the
+    same up to float rounding. The folded weights are reused until a weight or statistic changes
+    (:func:`derived_for_inference`). Training is unaffected.
     """
 
     fold_batch_norm: bool = True
@@ -88,10 +126,9 @@ class ConvNormAct(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not (self.fold_batch_norm and self.norm_follows_conv and foldable_batch_norm(self[1])):
             return super().forward(x)
-        conv = self[0]
-        scale, shift = batch_norm_affine(self[1])
-        weight = conv.weight * scale.reshape(-1, *[1] * (conv.weight.ndim - 1))
-        bias = shift if conv.bias is None else conv.bias * scale + shift
+        conv, norm = self[0], self[1]
+        weight, bias = derived_for_inference(self, [*conv.parameters(), *norm.parameters(), *norm.buffers()],
+                                             lambda: fold_batch_norm_after(conv, norm))
         x = conv._conv_forward(x, weight, bias)
         for layer in list(self)[2:]:
             x = layer(x)

