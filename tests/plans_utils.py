@@ -68,3 +68,12 @@ def managers(name: str, configuration: str = "cfg", batch_size: int = 2):
 
 def configuration_manager(name: str) -> ConfigurationManager:
     return managers(name)[1]
+
+
+def make_trainer(cls, dataset_json: dict, plan: str = "2d_256", batch_size: int = 2):
+    """``cls`` built as ``nnUNetv2_train`` builds it (CPU), on the hand-written plan ``plan`` as configuration 'cfg'."""
+    import torch
+
+    plans = plans_dict(plan, batch_size=batch_size)
+    plans["continue_training"] = False  # get_trainer_from_args adds it; nnUNetTrainer.__init__ pops it
+    return cls(plans, "cfg", 0, copy.deepcopy(dataset_json), torch.device("cpu"))

@@ -1,9 +1,7 @@
 """The trainers' budget variants change only the budget: epochs, iterations and, for the CPU-benchmark protocol, the
 batch size that nnU-Net's initialize() uses (and records in the trainer's plans)."""
-import copy
 
 import pytest
-import torch
 
 from nnunetv2_lgms.trainers import (nnUNetTrainerBaseline_cpubench, nnUNetTrainerBaseline_cpubench3d,
                                     nnUNetTrainerBaseline_smoke, nnUNetTrainerGLIMS_cpubench,
@@ -15,17 +13,8 @@ DATASET_JSON = {"channel_names": {"0": "x"}, "labels": {"background": 0, "a": 1}
                 "file_ending": ".nii.gz"}
 
 
-@pytest.fixture
-def trainer_env(tmp_path, monkeypatch):
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / var).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / var))
-
-
 def make(cls, plan_batch=5):
-    plans = plans_utils.plans_dict("2d_256", batch_size=plan_batch)
-    plans["continue_training"] = False
-    return cls(plans, "cfg", 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
+    return plans_utils.make_trainer(cls, DATASET_JSON, batch_size=plan_batch)
 
 
 @pytest.mark.parametrize("cls, budget", [

@@ -6,7 +6,6 @@ smaller plans also run a real CPU forward. Real CPU forwards at 128^3 and 40x224
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 
@@ -382,17 +381,8 @@ def test_build_network_architecture_from_real_plans():
     assert isinstance(out, torch.Tensor) and out.shape == (1, 3, 48, 48)
 
 
-@pytest.fixture
-def trainer_env(tmp_path, monkeypatch):
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / var).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / var))
-
-
 def _make_trainer(cls):
-    plans = plans_utils.plans_dict("2d_256")
-    plans["continue_training"] = False  # get_trainer_from_args adds it; nnUNetTrainer.__init__ pops it
-    return cls(plans, "cfg", 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
+    return plans_utils.make_trainer(cls, DATASET_JSON)
 
 
 def test_trainer_optimizer_and_warmup_cosine_schedule(trainer_env):

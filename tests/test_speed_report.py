@@ -70,3 +70,25 @@ def test_speed_paths_table(tmp_path, clean_nnunet_env, monkeypatch, capsys):
     assert cells[1].startswith("patch 32x32, batch")
     for seconds, gain in ((cells[2], cells[4]), (cells[5], cells[7])):
         assert float(seconds.rstrip(" s")) > 0 and float(gain.rstrip("x")) > 0
+
+
+def test_speed_report_keeps_the_plans_finished_before_a_failure(tmp_path, clean_nnunet_env, monkeypatch):
+    # a run stopped part-way (an error, or a time limit on a lent GPU) leaves a complete report of the finished plans
+    tiny = PlanPreset("tiny 2D", 977, "2d", {"0": "x"}, {"background": 0, "a": 1}, (999.0, 1.0, 1.0), (1, 32, 32),
+                      40, ".png")
+    monkeypatch.setitem(synthetic_plans.PRESETS, "tiny", tiny)
+    monkeypatch.setitem(synthetic_plans.PRESETS, "broken", tiny)
+    real_plan_preset = synthetic_plans.plan_preset
+
+    def plan_preset(key, root):
+        if key == "broken":
+            raise synthetic_plans.BenchmarkError("planning failed")
+        return real_plan_preset(key, root)
+
+    monkeypatch.setattr(synthetic_plans, "plan_preset", plan_preset)
+    out = tmp_path / "report"
+    rc = speed_report.main(["--out", str(out), "--presets", "tiny", "broken", "-tr", "nnUNetTrainer",
+                            "nnUNetTrainerLGMSNet", "--repeats", "1", "--warmup", "0", "--batch-1-only"])
+    assert rc == 1
+    assert [s["preset"] for s in json.loads((out / "speed_report.json").read_text())] == ["tiny"]
+    assert "## tiny" in (out / "speed_report.md").read_text() and (out / "speed_report.png").is_file()
