@@ -186,3 +186,25 @@ def test_folded_weights_are_reused_in_inference_until_a_weight_or_statistic_chan
     assert_equals_plain_network()
     folded = [t for _sources, value in _derived(net) for t in torch.utils._pytree.tree_leaves(value)]
     assert folded and all(t.dtype == torch.float64 for t in folded)
+
+
+def test_folded_weights_under_inference_mode():
+    """nnU-Net's predictor runs under torch.inference_mode: reuse works there, and weights that are themselves
+    inference tensors (no version counter) are folded on every call instead."""
+    plan = ((32, 32), [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]], [[3, 3]] * 5, 3, 2)
+    torch.manual_seed(0)
+    net = LGMSNet.from_plan(*plan, deep_supervision=False)
+    randomise_norm_statistics(net)
+    net.eval()
+    ref = plain_copy(net).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        first, second, expected = net(x), net(x), ref(x)
+    close(first, expected, magnitude([expected]))
+    assert torch.equal(first, second) and _derived(net)
+    with torch.inference_mode():
+        inference_net = LGMSNet.from_plan(*plan, deep_supervision=False).eval()
+        inference_net.load_state_dict(net.state_dict())
+        out = inference_net(x)
+    close(out, expected, magnitude([expected]))
+    assert not _derived(inference_net)

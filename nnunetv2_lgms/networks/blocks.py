@@ -70,12 +70,13 @@ def derived_for_inference(owner: nn.Module, sources: Sequence[torch.Tensor], der
     all change one of them). The value is kept on ``owner`` (not in its ``state_dict``).
 
     Why: on CUDA, eager inference of these networks at nnU-Net's patch sizes is bound by kernel launches, and folding
-    a BatchNorm into its conv on every call costs about seven small launches. Reused only in eager no-grad code:
+    a BatchNorm into its conv on every call costs about seven small launches. Reused only in eager no-grad code
+    (``torch.no_grad`` or ``torch.inference_mode``, which nnU-Net's predictor uses):
     with autograd on, the derived tensors must be part of the graph; under ``torch.compile`` the derivation is traced
     and fused instead.
     """
-    if torch.is_grad_enabled() or _is_compiling() or any(t.device.type == "meta" for t in sources):
-        return derive()
+    if torch.is_grad_enabled() or _is_compiling() or any(t.device.type == "meta" or t.is_inference() for t in sources):
+        return derive()  # (inference tensors, e.g. weights created under torch.inference_mode, have no version)
     cached = owner.__dict__.get("_derived_for_inference")
     if cached is not None and len(cached[0]) == len(sources) and all(
             s.data_ptr() == ref.data_ptr() and s._version == version and s.dtype == ref.dtype
