@@ -372,8 +372,12 @@ def memory_method(device: torch.device) -> str:
 
 def environment(device: torch.device) -> dict:
     import platform
+    import os
+
+    # glibc malloc settings change CPU timings (results/speed_cpu_malloc), so a report records them
+    malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
     env = {"device": str(device), "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-           "python": platform.python_version(), "amp": device.type == "cuda"}
+           "python": platform.python_version(), "amp": device.type == "cuda", "malloc_env": malloc_env}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     else:
@@ -384,6 +388,10 @@ def environment(device: torch.device) -> dict:
     except Exception:  # noqa: BLE001
         pass
     return env
+
+
+def _fmt_malloc(settings: Optional[dict]) -> str:
+    return ", " + " ".join(f"{k}={v}" for k, v in settings.items()) if settings else ""
 
 
 def _fmt_s(v: Optional[float]) -> str:
@@ -397,7 +405,8 @@ def render_markdown(rows: List[dict]) -> str:
     lines = [f"{m['dataset']} · {m['configuration']} · {m['plans']}: patch {'x'.join(map(str, m['patch_size']))}, "
              f"batch {m['batch_size']}, {m['input_channels']} in / {m['output_channels']} out",
              f"device {m['device']} ({m['device_name']}), torch {m['torch_version']}, {m['torch_threads']} threads, "
-             f"AMP {'on' if m['amp'] else 'off'}, torch.compile {'on' if m.get('compiled') else 'off'}; "
+             f"AMP {'on' if m['amp'] else 'off'}, torch.compile {'on' if m.get('compiled') else 'off'}"
+             f"{_fmt_malloc(m.get('malloc_env'))}; "
              f"median of {m['repeats']} interleaved repetitions after {m['warmup']} warm-up"]
     if m.get("sliding_window_case"):
         lines.append(f"sliding window: case {m['sliding_window_case']} {tuple(m['sliding_window_case_shape'])}, "
