@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,6 +34,25 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
         if isinstance(m, LGMSNet):
             m.cpu_channels_last = False
     return net
+
+
+def time_forward_and_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> Tuple[float, float]:
+    """Seconds for one eval forward without gradients (deep supervision off, as nnU-Net predicts) and one training
+    step (deep supervision on, a loss over every output, backward, optimiser step) of an nnU-Net-style network."""
+    net.eval()
+    net.decoder.deep_supervision = False
+    t = time.perf_counter()
+    with torch.no_grad():
+        net(x)
+    t_fwd = time.perf_counter() - t
+    net.train()
+    net.decoder.deep_supervision = True
+    t = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    out = net(x)
+    sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out])).backward()
+    optimizer.step()
+    return t_fwd, time.perf_counter() - t
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -61,20 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             opts = {k: torch.optim.SGD(n.parameters(), 1e-2, momentum=0.99, nesterov=True) for k, n in nets.items()}
             for rep in range(args.repeats + 1):  # the first is a warm-up
                 for name in (("on", "off") if rep % 2 == 0 else ("off", "on")):
-                    net = nets[name]
-                    net.eval()
-                    net.decoder.deep_supervision = False
-                    t = time.perf_counter()
-                    with torch.no_grad():
-                        net(x)
-                    t_fwd = time.perf_counter() - t
-                    net.train()
-                    net.decoder.deep_supervision = True
-                    t = time.perf_counter()
-                    opts[name].zero_grad(set_to_none=True)
-                    sum(o.float().mean() for o in net(x)).backward()
-                    opts[name].step()
-                    t_train = time.perf_counter() - t
+                    t_fwd, t_train = time_forward_and_step(nets[name], opts[name], x)
                     if rep:
                         times[(name, "fwd")].append(t_fwd)
                         times[(name, "train")].append(t_train)

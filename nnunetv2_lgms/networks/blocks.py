@@ -64,10 +64,10 @@ def _is_compiling() -> bool:
     return bool(fn and fn())
 
 
-def derived_for_inference(owner: nn.Module, sources: Sequence[torch.Tensor], derive: Callable[[], T]) -> T:
-    """``derive()``, reused by later calls while every tensor in ``sources`` is unchanged: the same memory and the
-    same in-place version counter (optimiser steps, ``load_state_dict``, ``.to()`` and BatchNorm statistic updates
-    all change one of them). The value is kept on ``owner`` (not in its ``state_dict``).
+def derived_for_inference(owner: nn.Module, derive: Callable[[], T]) -> T:
+    """``derive()``, reused by later calls while every parameter and buffer of ``owner`` is unchanged: the same memory
+    and the same in-place version counter (optimiser steps, ``load_state_dict``, ``.to()`` and BatchNorm statistic
+    updates all change one of them). The value is kept on ``owner`` (not in its ``state_dict``).
 
     Why: on CUDA, eager inference of these networks at nnU-Net's patch sizes is bound by kernel launches, and folding
     a BatchNorm into its conv on every call costs about seven small launches. Reused only in eager no-grad code
@@ -75,7 +75,10 @@ def derived_for_inference(owner: nn.Module, sources: Sequence[torch.Tensor], der
     with autograd on, the derived tensors must be part of the graph; under ``torch.compile`` the derivation is traced
     and fused instead.
     """
-    if torch.is_grad_enabled() or _is_compiling() or any(t.device.type == "meta" or t.is_inference() for t in sources):
+    if torch.is_grad_enabled() or _is_compiling():
+        return derive()
+    sources = [*owner.parameters(), *owner.buffers()]
+    if any(t.device.type == "meta" or t.is_inference() for t in sources):
         return derive()  # (inference tensors, e.g. weights created under torch.inference_mode, have no version)
     cached = owner.__dict__.get("_derived_for_inference")
     if cached is not None and len(cached[0]) == len(sources) and all(
@@ -128,8 +131,7 @@ class ConvNormAct(nn.Sequential):
         if self.training or not (self.fold_batch_norm and self.norm_follows_conv and foldable_batch_norm(self[1])):
             return super().forward(x)
         conv, norm = self[0], self[1]
-        weight, bias = derived_for_inference(self, [*conv.parameters(), *norm.parameters(), *norm.buffers()],
-                                             lambda: fold_batch_norm_after(conv, norm))
+        weight, bias = derived_for_inference(self, lambda: fold_batch_norm_after(conv, norm))
         x = conv._conv_forward(x, weight, bias)
         for layer in list(self)[2:]:
             x = layer(x)

@@ -139,8 +139,7 @@ class FusionConv(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not (self.fold_batch_norm and all(foldable_batch_norm(layer[2]) for layer in self)):
             return super().forward(x)
-        folded = derived_for_inference(self, [t for layer in self for t in (*layer.parameters(), *layer.buffers())],
-                                       self._folded_weights)
+        folded = derived_for_inference(self, self._folded_weights)
         for (conv, act, _norm), (weight, bias) in zip(self, folded):
             x = act(conv._conv_forward(x, weight, bias))
         return self[-1][2](x)

@@ -22,10 +22,11 @@ TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLGMSNet")
 GLIBC_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 
 _CHILD = r"""
-import json, resource, sys, tempfile, time
+import json, resource, sys, tempfile
 from pathlib import Path
 import torch
 from nnunetv2_lgms.benchmark.models import build_network, ensure_ext_trainer, find_trainer_class
+from nnunetv2_lgms.benchmark.speed_paths import time_forward_and_step
 from nnunetv2_lgms.benchmark.synthetic_plans import plan_preset
 ensure_ext_trainer()
 preset, name = sys.argv[1:3]
@@ -36,20 +37,9 @@ net = build_network(find_trainer_class(name), ctx, True)
 opt = torch.optim.SGD(net.parameters(), 1e-2, momentum=0.99, nesterov=True)
 fwd, step = [], []
 for rep in range(3):  # the first is a warm-up
-    net.eval()
-    net.decoder.deep_supervision = False
-    t = time.perf_counter()
-    with torch.no_grad():
-        net(x)
-    fwd.append(time.perf_counter() - t)
-    net.train()
-    net.decoder.deep_supervision = True
-    t = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    outs = net(x)
-    sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs])).backward()
-    opt.step()
-    step.append(time.perf_counter() - t)
+    t_fwd, t_step = time_forward_and_step(net, opt, x)
+    fwd.append(t_fwd)
+    step.append(t_step)
 print(json.dumps({name: {"forward_s": min(fwd[1:]), "train_step_s": min(step[1:]),
                          "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}}))
 """
