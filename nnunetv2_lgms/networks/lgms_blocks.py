@@ -26,7 +26,8 @@ class LocalMultiscaleBlock(nn.Module):
     Speed (``channels_last_depthwise``): on CPU, when gradients are needed, the depthwise stage runs in
     channels-last memory format whatever the input's format. PyTorch's CPU backward of these depthwise convs (4-8
     channels per kernel) is much faster in channels-last; measured on 2 cores, the 3D training step on the
-    Hippocampus plan went from 13.4 s to 6.1 s. In inference the input's format is kept: oneDNN's NCDHW forward
+    Hippocampus plan was 2.2-2.5x faster in three runs (results/speed_cpu/speed_paths.md). In inference the input's
+    format is kept: oneDNN's NCDHW forward
     of these convs was faster. The math is unchanged; one conv per kernel size stays (a single 9-tap conv with
     zero-padded small kernels costs more FLOPs and was slower).
     """
