@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 
 _aten = torch.ops.aten
 
@@ -15,11 +15,20 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# FlopCounterMode knows the CUDA attention kernels but not the CPU one that F.scaled_dot_product_attention uses here;
-# without this, attention would count as zero on CPU.
+def _conv_pointwise_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one that F.scaled_dot_product_attention uses here,
+# nor oneDNN's fused conv + activation that the networks' CPU inference path calls (networks/cpu_inference.py);
+# without these, such ops would count as zero on CPU.
 _CUSTOM = {}
 if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _CUSTOM[_aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flop
+try:
+    _CUSTOM[torch.ops.mkldnn._convolution_pointwise] = _conv_pointwise_flop
+except (AttributeError, RuntimeError):
+    pass
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int], device: str = "cpu") -> int:

@@ -29,8 +29,13 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
     for m in net.modules():
         if isinstance(m, (ConvNormAct, FusionConv)):
             m.fold_batch_norm = False
+        if isinstance(m, ConvNormAct):
+            m.fuse_activation = False
+        if isinstance(m, FusionConv):
+            m.blockwise_pointwise = False
         if isinstance(m, LocalMultiscaleBlock):
             m.channels_last_depthwise = False
+            m.in_place_inference = False
         if isinstance(m, LGMSNet):
             m.cpu_channels_last = False
     return net

@@ -13,6 +13,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
+from nnunetv2_lgms.networks.cpu_inference import conv_act_fused, is_compiling
+
 IntOrSeq = Union[int, Sequence[int]]
 T = TypeVar("T")
 
@@ -59,11 +61,6 @@ def foldable_batch_norm(norm: nn.Module) -> bool:
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats
 
 
-def _is_compiling() -> bool:
-    fn = getattr(torch.compiler, "is_compiling", None)
-    return bool(fn and fn())
-
-
 def derived_for_inference(owner: nn.Module, derive: Callable[[], T]) -> T:
     """``derive()``, reused by later calls while every parameter and buffer of ``owner`` is unchanged: the same memory
     and the same in-place version counter (optimiser steps, ``load_state_dict``, ``.to()`` and BatchNorm statistic
@@ -75,7 +72,7 @@ def derived_for_inference(owner: nn.Module, derive: Callable[[], T]) -> T:
     with autograd on, the derived tensors must be part of the graph; under ``torch.compile`` the derivation is traced
     and fused instead.
     """
-    if torch.is_grad_enabled() or _is_compiling():
+    if torch.is_grad_enabled() or is_compiling():
         return derive()
     sources = [*owner.parameters(), *owner.buffers()]
     if any(t.device.type == "meta" or t.is_inference() for t in sources):
@@ -104,13 +101,17 @@ class ConvNormAct(nn.Sequential):
 
     Shapes: ``(B, C_in, *S) -> (B, C_out, *S)`` for stride 1.
 
-    Speed (``fold_batch_norm``): in eval mode a BatchNorm right after the conv is folded into the conv's weights and
-    bias (``w * s``, ``(b - mean) * s + beta``), which saves one full pass over the feature map; the result is the
-    same up to float rounding. The folded weights are reused until a weight or statistic changes
-    (:func:`derived_for_inference`). Training is unaffected.
+    Speed, in eval mode only (training is unaffected; the result is the same up to float rounding):
+
+    - ``fold_batch_norm``: a BatchNorm right after the conv is folded into the conv's weights and bias (``w * s``,
+      ``(b - mean) * s + beta``), which saves one full pass over the feature map. The folded weights are reused until
+      a weight or statistic changes (:func:`derived_for_inference`).
+    - ``fuse_activation``: on CPU without autograd, an activation that directly follows the (folded) conv runs as a
+      oneDNN post-op of the conv (:func:`conv_act_fused`).
     """
 
     fold_batch_norm: bool = True
+    fuse_activation: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size: IntOrSeq,
                  norm_op: Optional[Type[nn.Module]], act: Optional[Type[nn.Module]], bias: bool = False,
@@ -128,14 +129,31 @@ class ConvNormAct(nn.Sequential):
         self.norm_follows_conv = norm_op is not None and not act_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not (self.fold_batch_norm and self.norm_follows_conv and foldable_batch_norm(self[1])):
+        if self.training:
             return super().forward(x)
-        conv, norm = self[0], self[1]
-        weight, bias = derived_for_inference(self, lambda: fold_batch_norm_after(conv, norm))
+        conv, rest = self[0], list(self)[1:]
+        if self.norm_follows_conv:
+            if not (self.fold_batch_norm and foldable_batch_norm(rest[0])):
+                return super().forward(x)
+            norm, rest = rest[0], rest[1:]
+            weight, bias = derived_for_inference(self, lambda: fold_batch_norm_after(conv, norm))
+        else:
+            weight, bias = conv.weight, conv.bias
+        return conv_then(conv, x, weight, bias, rest, self.fuse_activation)
+
+
+def conv_then(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              layers: Sequence[nn.Module], fuse_activation: bool = True) -> torch.Tensor:
+    """``layers(conv(x))`` with ``weight``/``bias`` in place of the conv's own, the first layer fused into the conv
+    where :func:`conv_act_fused` can."""
+    fused = conv_act_fused(conv, x, weight, bias, layers[0]) if fuse_activation and layers else None
+    if fused is None:
         x = conv._conv_forward(x, weight, bias)
-        for layer in list(self)[2:]:
-            x = layer(x)
-        return x
+    else:
+        x, layers = fused, layers[1:]
+    for layer in layers:
+        x = layer(x)
+    return x
 
 
 def channels_last_format(dim: int) -> torch.memory_format:
@@ -152,6 +170,12 @@ def is_channels_last(x: torch.Tensor) -> bool:
     if x.ndim not in (4, 5) or x.is_contiguous():
         return False
     return x.is_contiguous(memory_format=channels_last_format(x.ndim - 2))
+
+
+def has_channels_last_strides(x: torch.Tensor) -> bool:
+    """Whether the channels of ``x`` are adjacent in memory (stride 1), as in a channels-last map or a channel slice
+    of one."""
+    return x.ndim in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1
 
 
 def in_memory_format_of(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

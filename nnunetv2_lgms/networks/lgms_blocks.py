@@ -10,9 +10,10 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, derived_for_inference,
-                                           foldable_batch_norm, in_memory_format_of, interpolate_to, restrict_kernel,
-                                           same_padding, to_channels_last)
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, conv_then,
+                                           derived_for_inference, foldable_batch_norm, in_memory_format_of,
+                                           interpolate_to, restrict_kernel, same_padding, to_channels_last)
+from nnunetv2_lgms.networks.cpu_inference import can_overwrite_intermediates, pointwise_convs_blockwise
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
 
@@ -29,9 +30,13 @@ class LocalMultiscaleBlock(nn.Module):
     Hippocampus plan was 2.2-2.5x faster in three runs (results/speed_cpu/speed_paths.md). In inference the input's
     format is kept: oneDNN's NCDHW forward of these convs was faster. The math is unchanged; one conv per kernel
     size stays (a single 9-tap conv with zero-padded small kernels costs more FLOPs and was slower).
+
+    Speed (``in_place_inference``): without autograd, the two residual sums and the GELU overwrite the block's own
+    fresh intermediates instead of allocating new maps (on CPU a fresh multi-megabyte map costs page faults).
     """
 
     channels_last_depthwise: bool = True
+    in_place_inference: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, norm_op: Type[nn.Module],
                  norm_kwargs: Optional[dict] = None, kernel_sizes: Sequence[int] = (3, 5, 7, 9),
@@ -61,8 +66,13 @@ class LocalMultiscaleBlock(nn.Module):
             dw_in = to_channels_last(x)
         parts = dw_in.split(self.chunk, dim=1)
         multiscale = torch.cat([conv(part) for conv, part in zip(self.depthwise, parts)], dim=1)
-        y = self.act(self.norm(in_memory_format_of(multiscale, x) + x))
-        return self.expand(self.reduce(y)) + x
+        multiscale = in_memory_format_of(multiscale, x)
+        if not (self.in_place_inference and can_overwrite_intermediates(x)):
+            y = self.act(self.norm(multiscale + x))
+            return self.expand(self.reduce(y)) + x
+        # the sums and the GELU overwrite tensors this block has just created (no new full-size maps)
+        y = torch.ops.aten.gelu_(self.norm(multiscale.add_(x)), approximate=self.act.approximate)
+        return self.expand(self.reduce(y)).add_(x)
 
 
 class DepthwiseConvBranch(nn.Module):
@@ -122,10 +132,16 @@ class FusionConv(nn.Sequential):
 
     Speed (``fold_batch_norm``): in eval mode the BatchNorms of the first two layers are folded into the following
     1x1 convs (``W diag(s)``, ``b + W t``), saving two passes over the widest (4*C_out) maps; same result up to
-    rounding. The folded weights are reused until a weight or statistic changes. Training is unaffected.
+    rounding. The folded weights are reused until a weight or statistic changes. Each conv's GELU runs as a oneDNN
+    post-op on CPU (``ConvNormAct.fuse_activation``).
+
+    Speed (``blockwise_pointwise``): on CPU, in inference with channels-last input, the two 1x1 convs (with their
+    GELUs and the last BatchNorm) run block by block over the pixels (:func:`pointwise_convs_blockwise`), so the
+    4*C_out-wide map is never allocated in full. Training is unaffected.
     """
 
     fold_batch_norm: bool = True
+    blockwise_pointwise: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, norm_op: Type[nn.Module],
                  norm_kwargs: Optional[dict] = None, plan_kernel: Optional[Sequence[int]] = None):
@@ -139,13 +155,21 @@ class FusionConv(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not (self.fold_batch_norm and all(foldable_batch_norm(layer[2]) for layer in self)):
             return super().forward(x)
-        folded = derived_for_inference(self, self._folded_weights)
-        for (conv, act, _norm), (weight, bias) in zip(self, folded):
-            x = act(conv._conv_forward(x, weight, bias))
+        folded, out_affine = derived_for_inference(self, self._folded_weights)
+        (first, *rest), ((weight, bias), *rest_weights) = self, folded
+        x = conv_then(first[0], x, weight, bias, [first[1]], first.fuse_activation)
+        if self.blockwise_pointwise:
+            y = pointwise_convs_blockwise(x, [(w, b, layer[1]) for layer, (w, b) in zip(rest, rest_weights)],
+                                          out_affine)
+            if y is not None:
+                return y
+        for layer, (weight, bias) in zip(rest, rest_weights):
+            x = conv_then(layer[0], x, weight, bias, [layer[1]], layer.fuse_activation)
         return self[-1][2](x)
 
     def _folded_weights(self):
-        """Per layer: its conv's weight and bias with the previous layer's eval-mode BatchNorm folded in."""
+        """Per layer its conv's weight and bias with the previous layer's eval-mode BatchNorm folded in; and the last
+        BatchNorm as (scale, shift)."""
         out, pending = [], None  # the previous layer's BatchNorm, applied through this layer's 1x1 conv
         for conv, _act, norm in self:
             weight, bias = conv.weight, conv.bias
@@ -156,7 +180,7 @@ class FusionConv(nn.Sequential):
                 weight = weight * scale.reshape(1, -1, *[1] * (weight.ndim - 2))
             out.append((weight, bias))
             pending = norm
-        return out
+        return out, batch_norm_affine(pending)
 
 
 class UpConv(nn.Module):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_lgms.networks.blocks import has_channels_last_strides
+
 
 def sparse_patch_size(spatial_size: Sequence[int], patch_size: Sequence[int]) -> Tuple[int, ...]:
     """Per-axis sub-sampling stride: ``patch_size`` where the axis divides evenly, else 1.
@@ -25,22 +27,28 @@ def sparse_patch_size(spatial_size: Sequence[int], patch_size: Sequence[int]) ->
 
 
 def to_sparse_tokens(x: torch.Tensor, p: Sequence[int]) -> torch.Tensor:
-    """``(B, C, *S) -> (B * prod(p), prod(S / p), C)``; sequence index = intra-patch offset, token = sub-grid cell."""
+    """``(B, C, *S) -> (B * prod(p), prod(S / p), C)``; sequence index = intra-patch offset, token = sub-grid cell.
+    One copy, whatever ``x``'s memory format."""
     b, c, *spatial = x.shape
     n = [s // q for s, q in zip(spatial, p)]
     d = len(spatial)
-    x = x.reshape(b, c, *[v for pair in zip(n, p) for v in pair])  # B, C, n0, p0, n1, p1, ...
-    x = x.permute(0, *[3 + 2 * i for i in range(d)], *[2 + 2 * i for i in range(d)], 1)  # B, p..., n..., C
+    x = x.movedim(1, -1).reshape(b, *[v for pair in zip(n, p) for v in pair], c)  # B, n0, p0, n1, p1, ..., C
+    x = x.permute(0, *[2 + 2 * i for i in range(d)], *[1 + 2 * i for i in range(d)], 1 + 2 * d)  # B, p..., n..., C
     return x.reshape(b * math.prod(p), math.prod(n), c)
 
 
-def from_sparse_tokens(tokens: torch.Tensor, spatial_size: Sequence[int], p: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`to_sparse_tokens`: ``(B * prod(p), prod(S / p), C) -> (B, C, *S)``."""
+def from_sparse_tokens(tokens: torch.Tensor, spatial_size: Sequence[int], p: Sequence[int],
+                       channels_last: bool = False) -> torch.Tensor:
+    """Inverse of :func:`to_sparse_tokens`: ``(B * prod(p), prod(S / p), C) -> (B, C, *S)``, contiguous or (with
+    ``channels_last``) in channels-last memory format; one copy either way."""
     d = len(spatial_size)
     c = tokens.shape[-1]
     n = [s // q for s, q in zip(spatial_size, p)]
     x = tokens.reshape(-1, *p, *n, c)  # B, p..., n..., C
-    x = x.permute(0, d + d + 1, *[v for i in range(d) for v in (1 + d + i, 1 + i)])  # B, C, n0, p0, n1, p1, ...
+    if channels_last:
+        x = x.permute(0, *[v for i in range(d) for v in (1 + d + i, 1 + i)], 1 + 2 * d)  # B, n0, p0, ..., C
+        return x.reshape(x.shape[0], *spatial_size, c).movedim(-1, 1)
+    x = x.permute(0, 1 + 2 * d, *[v for i in range(d) for v in (1 + d + i, 1 + i)])  # B, C, n0, p0, n1, p1, ...
     return x.reshape(x.shape[0], c, *spatial_size)
 
 
@@ -78,7 +86,8 @@ class SparseTransformerLayer(nn.Module):
 
 
 class SparseTransformer(nn.Module):
-    """Feature map in, feature map out: ``(B, C, *S) -> (B, C, *S)`` through sparse tokens."""
+    """Feature map in, feature map out: ``(B, C, *S) -> (B, C, *S)`` through sparse tokens; the output keeps the
+    input's memory format (channels-last or contiguous), so the networks' channels-last CPU path stays so."""
 
     def __init__(self, dim: int, mlp_dim: int, depth: int = 1, heads: int = 4, head_dim: int = 8,
                  patch_size: int = 2):
@@ -89,4 +98,5 @@ class SparseTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = tuple(x.shape[2:])
         p = sparse_patch_size(spatial, (self.patch_size,) * len(spatial))
-        return from_sparse_tokens(self.layers(to_sparse_tokens(x, p)), spatial, p)
+        tokens = self.layers(to_sparse_tokens(x, p))
+        return from_sparse_tokens(tokens, spatial, p, channels_last=has_channels_last_strides(x))
