@@ -1,16 +1,20 @@
 """Each speed path (issue 6) computes exactly what the plain path computes: forward outputs and every gradient agree,
 to float64 precision and, in float32 (other kernels, other summation order), within a tolerance scaled to each
 tensor's magnitude. The plain path is the same module with the speed switch off."""
+import collections
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
-from nnunetv2_lgms.networks.blocks import ConvNormAct, in_memory_format_of, is_channels_last
+from nnunetv2_lgms.networks import cpu_inference
+from nnunetv2_lgms.networks.blocks import ConvNormAct, channels_last_format, in_memory_format_of, is_channels_last
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -208,3 +212,135 @@ def test_folded_weights_under_inference_mode():
         out = inference_net(x)
     close(out, expected, magnitude([expected]))
     assert not _derived(inference_net)
+
+
+# ---------------------------------------------------------------- CPU inference paths (networks/cpu_inference.py)
+
+needs_onednn = pytest.mark.skipif(cpu_inference._onednn_conv_pointwise() is None,
+                                  reason="this PyTorch build has no oneDNN fused convolution")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen/oneDNN ops dispatched inside the block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+ACTIVATIONS = [nn.ReLU(), nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.LeakyReLU(0.2)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: repr(a))
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 8, 3, padding=1, bias=True),
+    nn.Conv2d(6, 4, 3, padding=2, dilation=2, stride=2, groups=2, bias=False),
+    nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1), bias=True),
+], ids=["2d", "2d-strided-dilated-grouped", "3d-anisotropic"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_act_fused_equals_conv_then_activation(conv, act, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(2, conv.in_channels, *[9, 10, 7][:conv.weight.ndim - 2])
+    if channels_last:
+        x = x.contiguous(memory_format=channels_last_format(x.ndim - 2))
+    weight, bias = conv.weight * 1.5, None if conv.bias is None else conv.bias - 0.5
+    with torch.no_grad():
+        expected = act(conv._conv_forward(x, weight, bias))
+        fused = cpu_inference.conv_act_fused(conv, x, weight, bias, act)
+    assert fused is not None
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_conv_act_fused_declines_where_it_does_not_apply():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert cpu_inference.conv_act_fused(conv, x, conv.weight, conv.bias, nn.ReLU()) is not None
+        assert cpu_inference.conv_act_fused(conv, x, conv.weight, conv.bias, nn.PReLU()) is None  # no post-op
+        assert cpu_inference.conv_act_fused(conv, x.double(), conv.weight.double(), conv.bias.double(),
+                                            nn.ReLU()) is None
+        same = nn.Conv2d(4, 4, 3, padding="same")
+        assert cpu_inference.conv_act_fused(same, x, same.weight, same.bias, nn.ReLU()) is None
+    assert cpu_inference.conv_act_fused(conv, x, conv.weight, conv.bias, nn.ReLU()) is None  # autograd on
+
+
+@pytest.mark.parametrize("shape, fmt", [((2, 6, 5, 7), torch.channels_last), ((1, 6, 3, 4, 5), torch.channels_last_3d)])
+@pytest.mark.parametrize("with_affine", [False, True])
+def test_pointwise_convs_blockwise_equal_layer_by_layer(shape, fmt, with_affine):
+    torch.manual_seed(0)
+    dim = len(shape) - 2
+    conv_op = nn.Conv2d if dim == 2 else nn.Conv3d
+    convs = [conv_op(6, 12, 1), conv_op(12, 5, 1, bias=False), conv_op(5, 3, 1)]
+    acts = [nn.GELU(), nn.SiLU(), nn.LeakyReLU(0.1)]
+    affine = (torch.randn(3), torch.randn(3)) if with_affine else None
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        expected = x
+        for conv, act in zip(convs, acts):
+            expected = act(conv(expected))
+        if affine:
+            expected = expected * affine[0].view(-1, *[1] * dim) + affine[1].view(-1, *[1] * dim)
+        layers = [(c.weight, c.bias, a) for c, a in zip(convs, acts)]
+        # 7 pixels per block: the last block is partial (70 and 60 pixels)
+        out = cpu_inference.pointwise_convs_blockwise(x, layers, affine, block_pixels=7)
+        assert out is not None and out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        # declined: contiguous NC(D)HW input, a kernel larger than 1, an activation without an in-place form
+        assert cpu_inference.pointwise_convs_blockwise(x.contiguous(), layers, affine) is None
+        wide = conv_op(6, 12, 3)
+        assert cpu_inference.pointwise_convs_blockwise(x, [(wide.weight, wide.bias, nn.ReLU())]) is None
+        assert cpu_inference.pointwise_convs_blockwise(x, [(convs[0].weight, None, nn.PReLU())]) is None
+    assert cpu_inference.pointwise_convs_blockwise(x, layers, affine) is None  # autograd on
+
+
+@pytest.mark.parametrize("dim, patch, strides", [
+    (2, (64, 48), [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]]),
+    (3, (16, 32, 24), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_lgmsnet_inference_without_autograd_equals_plain_network(dim, patch, strides, dtype, grad_off):
+    """nnU-Net predicts without autograd: there the fused and in-place paths run, and give the plain result."""
+    torch.manual_seed(0)
+    kernels = [[1, 3, 3]] + [[3, 3, 3]] * 4 if dim == 3 else [[3, 3]] * 5
+    net = LGMSNet.from_plan(patch, strides, kernels, 2, 3, deep_supervision=False).to(dtype)
+    randomise_norm_statistics(net)
+    net.eval()
+    ref = plain_copy(net).eval()
+    x = torch.randn(2, 2, *patch, dtype=dtype)
+    x_before = x.clone()
+    counter = OpCounter()
+    with grad_off():
+        expected = ref(x)
+        with counter:
+            out = net(x)
+    assert torch.equal(x, x_before)  # in-place paths only overwrite the network's own intermediates
+    assert out.is_contiguous()
+    close(out, expected, magnitude([expected]))
+    if dtype == torch.float32 and cpu_inference._onednn_conv_pointwise() is not None:
+        # at least every FusionConv conv with its GELU (3 x 3; 2D also fuses the BatchNorm-folded ConvNormActs)
+        assert counter.counts["mkldnn::_convolution_pointwise"] >= (20 if dim == 2 else 9)
+        if dim == 2:  # channels-last: FusionConv's 1x1 pairs run blockwise, as GEMMs into the output
+            assert counter.counts["aten::addmm.out"] >= 2 * 3
+    assert counter.counts["aten::gelu_"] >= 3  # the LMS blocks' in-place GELU
+
+
+def test_sparse_transformer_keeps_channels_last():
+    """The GMS block splits a channels-last map by channels; the Transformer's output must come back channels-last,
+    or every later layer (the whole 2D decoder) would run in the slower contiguous layout."""
+    net = LGMSNet.from_plan((32, 32), [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]], [[3, 3]] * 5, 3, 2,
+                            deep_supervision=False).eval()
+    formats = []
+    hooks = [m.register_forward_hook(lambda m, i, o: formats.append(is_channels_last(o)))
+             for m in net.modules() if isinstance(m, (SparseTransformer, FusionConv))]
+    with torch.no_grad():
+        net(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert len(formats) == 4 + 3 and all(formats)
