@@ -15,14 +15,18 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _addmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def _conv_pointwise_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one that F.scaled_dot_product_attention uses here,
-# nor oneDNN's fused conv + activation that the networks' CPU inference path calls (networks/cpu_inference.py);
-# without these, such ops would count as zero on CPU.
-_CUSTOM = {}
+# nor oneDNN's fused conv + activation and the in-place addmm_ that the networks' CPU inference path calls
+# (networks/cpu_inference.py); without these, such ops would count as zero on CPU.
+_CUSTOM = {_aten.addmm_: _addmm_flop}
 if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _CUSTOM[_aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flop
 try:

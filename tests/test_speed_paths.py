@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
 from nnunetv2_lgms.networks import cpu_inference
 from nnunetv2_lgms.networks.blocks import ConvNormAct, channels_last_format, in_memory_format_of, is_channels_last
-from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
+from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock, UpConv
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
@@ -296,6 +296,10 @@ def test_pointwise_convs_blockwise_equal_layer_by_layer(shape, fmt, with_affine)
         wide = conv_op(6, 12, 3)
         assert cpu_inference.pointwise_convs_blockwise(x, [(wide.weight, wide.bias, nn.ReLU())]) is None
         assert cpu_inference.pointwise_convs_blockwise(x, [(convs[0].weight, None, nn.PReLU())]) is None
+        # the input as two maps whose channels concatenate to it: one GEMM per part, no concatenation
+        parts = [x[:, :2].contiguous(memory_format=fmt), x[:, 2:].contiguous(memory_format=fmt)]
+        out_parts = cpu_inference.pointwise_convs_blockwise(parts, layers, affine, block_pixels=7)
+        torch.testing.assert_close(out_parts, expected, rtol=1e-5, atol=1e-5)
     assert cpu_inference.pointwise_convs_blockwise(x, layers, affine) is None  # autograd on
 
 
@@ -326,8 +330,9 @@ def test_lgmsnet_inference_without_autograd_equals_plain_network(dim, patch, str
     if dtype == torch.float32 and cpu_inference._onednn_conv_pointwise() is not None:
         # at least every FusionConv conv with its GELU (3 x 3; 2D also fuses the BatchNorm-folded ConvNormActs)
         assert counter.counts["mkldnn::_convolution_pointwise"] >= (20 if dim == 2 else 9)
-        if dim == 2:  # channels-last: FusionConv's 1x1 pairs run blockwise, as GEMMs into the output
-            assert counter.counts["aten::addmm.out"] >= 2 * 3
+        if dim == 2:  # channels-last: FusionConv's 1x1 pairs run blockwise, as GEMMs into the output, and the
+            # decoder's [skip, up] reach them as two parts (one GEMM each) instead of a concatenation
+            assert counter.counts["aten::addmm.out"] >= 2 * 3 and counter.counts["aten::addmm_"] >= 3
     assert counter.counts["aten::gelu_"] >= 3  # the LMS blocks' in-place GELU
 
 
@@ -338,9 +343,30 @@ def test_sparse_transformer_keeps_channels_last():
                             deep_supervision=False).eval()
     formats = []
     hooks = [m.register_forward_hook(lambda m, i, o: formats.append(is_channels_last(o)))
-             for m in net.modules() if isinstance(m, (SparseTransformer, FusionConv))]
+             for m in net.modules() if isinstance(m, (SparseTransformer, UpConv))]
     with torch.no_grad():
         net(torch.randn(2, 3, 32, 32))
     for h in hooks:
         h.remove()
-    assert len(formats) == 4 + 3 and all(formats)
+    assert len(formats) == 4 + 4 and all(formats)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fusion_conv_on_parts_equals_fusion_conv_on_the_concatenation(channels_last):
+    torch.manual_seed(0)
+    block = FusionConv(nn.Conv2d, 12, 5, nn.BatchNorm2d)
+    randomise_norm_statistics(block)
+    block.eval()
+    ref = plain_copy(block).eval()
+    skip, up = torch.randn(2, 6, 9, 11), torch.randn(2, 6, 9, 11)
+    if channels_last:
+        skip, up = (t.contiguous(memory_format=torch.channels_last) for t in (skip, up))
+    counter = OpCounter()
+    with torch.no_grad():
+        expected = ref(torch.cat([skip, up], dim=1))
+        with counter:
+            out = block.forward_parts([skip, up])
+    close(out, expected, magnitude([expected]))
+    assert ("aten::cat" not in counter.counts) == channels_last  # NCHW parts: the plain path on the concatenation
+    block.train()
+    torch.testing.assert_close(block.forward_parts([skip, up]), block(torch.cat([skip, up], dim=1)))

@@ -9,7 +9,7 @@ Equivalence to the plain path is tested in ``tests/test_speed_paths.py``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -62,9 +62,10 @@ def _onednn_activation(act: nn.Module) -> Optional[Tuple[str, list, Optional[str
 
 
 def conv_act_fused(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   act: nn.Module) -> Optional[torch.Tensor]:
-    """``act(conv(x))`` with ``conv``'s geometry and the given ``weight``/``bias``, as one oneDNN convolution with the
-    activation as a post-op (no separate pass over the output); None where that path does not apply."""
+                   act: nn.Module, groups: Optional[int] = None) -> Optional[torch.Tensor]:
+    """``act(conv(x))`` with ``conv``'s geometry and the given ``weight``/``bias`` (and ``groups``, default the
+    conv's), as one oneDNN convolution with the activation as a post-op (no separate pass over the output); None
+    where that path does not apply."""
     if (not _cpu_float32_inference(x, weight, bias) or x.ndim not in (4, 5) or conv.padding_mode != "zeros"
             or isinstance(conv.padding, str)):
         return None
@@ -73,8 +74,8 @@ def conv_act_fused(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: O
     if op is None:
         return None
     attr, scalars, algorithm = post_op
-    return op(x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, attr,
-              scalars, algorithm)
+    return op(x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+              conv.groups if groups is None else groups, attr, scalars, algorithm)
 
 
 IN_PLACE_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Identity)
@@ -96,41 +97,57 @@ def activation_in_place(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no in-place form for {kind.__name__}")
 
 
-def pointwise_convs_blockwise(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor], nn.Module]],
+def pointwise_convs_blockwise(x: Union[torch.Tensor, Sequence[torch.Tensor]],
+                              layers: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor], nn.Module]],
                               out_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                               block_pixels: int = BLOCK_PIXELS) -> Optional[torch.Tensor]:
     """A stack of 1x1 convs, each followed by its activation, then optionally ``y * scale + shift`` per channel,
     computed on blocks of ``block_pixels`` pixels: ``(B, C_0, *S) -> (B, C_n, *S)`` in channels-last format.
 
-    ``layers``: per conv its weight ``(C_i+1, C_i, 1, ...)``, bias and activation module. The wide intermediate maps
-    (e.g. LGMSNet's 4 x C expansion in the decoder fusion) then exist only one cache-sized block at a time instead of
-    as full maps. None where the path does not apply: not CPU float32 inference, ``x`` not channels-last, a kernel
-    larger than 1 or an activation without an in-place form.
+    ``x``: the input map, or several maps that together are its channels (then the first conv is a sum of one GEMM
+    per part, and the concatenation is never formed). ``layers``: per conv its weight ``(C_i+1, C_i, 1, ...)``,
+    bias and activation module. The wide intermediate maps (e.g. LGMSNet's 4 x C expansion in the decoder fusion)
+    then exist only one cache-sized block at a time instead of as full maps. None where the path does not apply:
+    not CPU float32 inference, an input not channels-last, a kernel larger than 1 or an activation without an
+    in-place form.
     """
-    tensors = [t for weight, bias, _ in layers for t in (weight, bias)] + list(out_affine or ())
-    if not (_cpu_float32_inference(x, *tensors) and x.ndim in (4, 5) and layers):
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    tensors = [t for weight, bias, _ in layers for t in (weight, bias)] + list(out_affine or ()) + parts
+    if not (_cpu_float32_inference(*tensors) and layers and all(p.ndim in (4, 5) for p in parts)):
         return None
-    tokens_first = x.movedim(1, -1)
-    if not tokens_first.is_contiguous() or any(w.shape[2:].numel() != 1 for w, _, _ in layers):
+    pixels_first = [p.movedim(1, -1) for p in parts]
+    if (any(not p.is_contiguous() or p.shape[:-1] != pixels_first[0].shape[:-1] for p in pixels_first)
+            or any(w.shape[2:].numel() != 1 for w, _, _ in layers)
+            or any(type(act) not in IN_PLACE_ACTIVATIONS for _, _, act in layers)
+            or sum(p.shape[-1] for p in pixels_first) != layers[0][0].shape[1]):
         return None
-    if any(type(act) not in IN_PLACE_ACTIVATIONS for _, _, act in layers):
-        return None
-    pixels = tokens_first.reshape(-1, x.shape[1])
-    # GEMM operands: weight (C_out, C_in, 1..) -> (C_in, C_out)
+    pixels = [p.reshape(-1, p.shape[-1]) for p in pixels_first]
+    # GEMM operands: weight (C_out, C_in, 1..) -> (C_in, C_out); the first one split by input part
     mats = [(w.reshape(w.shape[0], -1).t(), b, act) for w, b, act in layers]
-    out = torch.empty((x.shape[0], *x.shape[2:], mats[-1][0].shape[1]), dtype=x.dtype)  # channels-last
+    first_parts = mats[0][0].split([p.shape[1] for p in pixels])
+    n_pixels = pixels[0].shape[0]
+    out = torch.empty((*pixels_first[0].shape[:-1], mats[-1][0].shape[1]), dtype=torch.float32)  # channels-last
     out_pixels = out.view(-1, out.shape[-1])
-    buffers = [torch.empty(min(block_pixels, pixels.shape[0]), m.shape[1], dtype=x.dtype) for m, _, _ in mats[:-1]]
-    for start in range(0, pixels.shape[0], block_pixels):
-        h = pixels[start:start + block_pixels]
-        n = h.shape[0]
+    buffers = [torch.empty(min(block_pixels, n_pixels), m.shape[1], dtype=torch.float32) for m, _, _ in mats[:-1]]
+    for start in range(0, n_pixels, block_pixels):
+        stop = min(start + block_pixels, n_pixels)
+        h = None
         for i, (mat, bias, act) in enumerate(mats):
-            dest = buffers[i][:n] if i < len(buffers) else out_pixels[start:start + n]
-            if bias is None:
-                torch.mm(h, mat, out=dest)
+            dest = buffers[i][:stop - start] if i < len(buffers) else out_pixels[start:stop]
+            if i == 0:
+                _matmul_into(dest, pixels[0][start:stop], first_parts[0], bias)
+                for part, mat_part in zip(pixels[1:], first_parts[1:]):
+                    dest.addmm_(part[start:stop], mat_part)
             else:
-                torch.addmm(bias, h, mat, out=dest)
+                _matmul_into(dest, h, mat, bias)
             h = activation_in_place(act, dest)
         if out_affine is not None:
             h.mul_(out_affine[0]).add_(out_affine[1])
     return out.movedim(-1, 1)
+
+
+def _matmul_into(dest: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    if bias is None:
+        torch.mm(a, b, out=dest)
+    else:
+        torch.addmm(bias, a, b, out=dest)

@@ -117,10 +117,22 @@ class LGMSNetDecoder(nn.Module):
         outputs = []
         for level in (3, 2, 1, 0):
             skip = skips[level]
-            x = self.stages[level](torch.cat([skip, self.ups[level](x, skip.shape[2:])], dim=1))
+            x = self._fuse(level, skip, self.ups[level](x, skip.shape[2:]))
             if self.deep_supervision or level == 0:
                 outputs.append(self.seg_layers[level](x))
         return outputs[::-1] if self.deep_supervision else outputs[0]
+
+    def _fuse(self, level: int, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``stages[level](cat([skip, up]))``; a leading FusionConv gets the two parts (it may skip the concat)."""
+        stage = self.stages[level]
+        if isinstance(stage, FusionConv):
+            return stage.forward_parts([skip, up])
+        if isinstance(stage, nn.Sequential) and isinstance(stage[0], FusionConv):
+            x = stage[0].forward_parts([skip, up])
+            for module in list(stage)[1:]:
+                x = module(x)
+            return x
+        return stage(torch.cat([skip, up], dim=1))
 
 
 def transformer_width(width: int, fraction: float) -> int:
