@@ -162,12 +162,14 @@ class LGMSNet(nn.Module):
     Shapes: ``(B, input_channels, *S) -> (B, num_classes, *S)``; at level i the map is ``S / prod(strides[:i+1])``.
     Outputs are contiguous (NC(D)HW) tensors whatever the internal memory format.
 
-    Speed (``cpu_channels_last``): on CPU the 2D network runs in channels-last memory format (with BatchNorm folding
-    in eval mode, the 2D forward on the 256x256 batch-12 plan was 1.04-1.44x faster on 2 cores in three runs; the
-    training step was neutral within noise; results/speed_cpu/speed_paths.md). The 3D network keeps NCDHW (its
-    InstanceNorm and trilinear upsampling copy channels-last inputs); only its LMS depthwise stage switches format
-    in training (see :class:`LocalMultiscaleBlock`). On CUDA the input's format is kept. The math is identical
-    either way (tested against the plain path).
+    Speed (``cpu_channels_last``): on CPU the 2D network runs in channels-last memory format from end to end (the
+    sparse Transformer hands its output back channels-last). In inference without autograd, the 2D path also folds
+    BatchNorms, fuses activations into oneDNN convs, runs the decoder's 1x1 stacks block by block and never forms
+    the decoder's ``[skip, up]`` concatenation (:mod:`nnunetv2_lgms.networks.cpu_inference`, :class:`FusionConv`).
+    Gains, paths off against on: results/speed_cpu/speed_paths.md. The 3D network keeps NCDHW (its InstanceNorm
+    and trilinear upsampling copy channels-last inputs); only its LMS depthwise stage switches format in training
+    (see :class:`LocalMultiscaleBlock`). On CUDA the input's format is kept. The math is identical either way
+    (tested against the plain path).
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: Type[_ConvNd] = nn.Conv2d,

