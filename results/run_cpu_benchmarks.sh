@@ -51,7 +51,11 @@ nnunetv2_lgms profile -d 604 -c 3d_fullres -tr nnUNetTrainer nnUNetTrainerLGMSNe
 
 # 6. speed report (issue 6) on nnU-Net's plans for a 256x256 2D dataset and for Hippocampus; and the BTCV-sized plan
 python -m nnunetv2_lgms.benchmark.speed_report --out "$RESULTS/speed_cpu"
-python -m nnunetv2_lgms.benchmark.speed_paths > "$RESULTS/speed_cpu/speed_paths.md"
+# results/speed_cpu/speed_paths.md and op_profile.md collect these tables (with the date and commit of each run)
+python -m nnunetv2_lgms.benchmark.speed_paths | tee "$WORK/logs/speed_paths.md"
+for tr in nnUNetTrainerLGMSNet nnUNetTrainer; do
+  python "$RESULTS/speed_cpu/op_profile.py" --trainer $tr
+done | tee "$WORK/logs/op_profile.md"
 # the BTCV-sized plan: batch-1 forward only. Its training step (112x160x128, batch 2: 5.7x the voxels of the
 # Hippocampus batch, where GLIMS needed 12.8 GB of tensor memory) was not attempted on this 24 GB machine.
 python -m nnunetv2_lgms.benchmark.speed_report --presets abdomen-ct-3d --batch-1-only --repeats 1 \
