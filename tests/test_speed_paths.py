@@ -267,6 +267,8 @@ def test_conv_act_fused_declines_where_it_does_not_apply():
                                             nn.ReLU()) is None
         same = nn.Conv2d(4, 4, 3, padding="same")
         assert cpu_inference.conv_act_fused(same, x, same.weight, same.bias, nn.ReLU()) is None
+        transposed = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        assert cpu_inference.conv_act_fused(transposed, x, transposed.weight, transposed.bias, nn.ReLU()) is None
     assert cpu_inference.conv_act_fused(conv, x, conv.weight, conv.bias, nn.ReLU()) is None  # autograd on
 
 

@@ -3,8 +3,9 @@ memory and fewer fresh full-size feature maps.
 
 Why: at nnU-Net's patch sizes the high-resolution maps of the light networks are wide (batch x 256 x 256 pixels) and
 cheap per element, so on CPU an elementwise pass, or a freshly allocated map (page faults), costs about as much as
-the conv that produced it. Every path here applies only without autograd, in eager mode (under ``torch.compile``
-Inductor fuses on its own), to float32 tensors on CPU; elsewhere the callers fall back to the plain computation.
+the conv that produced it. The fused and blockwise paths apply only without autograd, in eager mode (under
+``torch.compile`` Inductor fuses on its own), to float32 tensors on CPU; elsewhere the callers fall back to the plain
+computation. :func:`can_overwrite_intermediates` (in-place work on a block's own fresh tensors) holds on any device.
 Equivalence to the plain path is tested in ``tests/test_speed_paths.py``.
 """
 from __future__ import annotations
@@ -66,8 +67,8 @@ def conv_act_fused(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: O
     """``act(conv(x))`` with ``conv``'s geometry and the given ``weight``/``bias`` (and ``groups``, default the
     conv's), as one oneDNN convolution with the activation as a post-op (no separate pass over the output); None
     where that path does not apply."""
-    if (not _cpu_float32_inference(x, weight, bias) or x.ndim not in (4, 5) or conv.padding_mode != "zeros"
-            or isinstance(conv.padding, str)):
+    if (not _cpu_float32_inference(x, weight, bias) or x.ndim not in (4, 5) or conv.transposed
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
         return None
     post_op = _onednn_activation(act)
     op = _onednn_conv_pointwise() if post_op is not None else None
