@@ -37,6 +37,11 @@ def _cpu_float32_inference(*tensors: Optional[torch.Tensor]) -> bool:
             and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors))
 
 
+def pixels_dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` (B, C, *S) is dense with its channels last, i.e. a (pixels, C) matrix for GEMMs."""
+    return x.movedim(1, -1).is_contiguous()
+
+
 def _onednn_conv_pointwise():
     """``torch.ops.mkldnn._convolution_pointwise`` (the fused conv + post-op that Inductor's CPU backend emits), or
     None when this PyTorch build lacks it or oneDNN is switched off."""
@@ -117,7 +122,7 @@ def pointwise_convs_blockwise(x: Union[torch.Tensor, Sequence[torch.Tensor]],
     if not (_cpu_float32_inference(*tensors) and layers and all(p.ndim in (4, 5) for p in parts)):
         return None
     pixels_first = [p.movedim(1, -1) for p in parts]
-    if (any(not p.is_contiguous() or p.shape[:-1] != pixels_first[0].shape[:-1] for p in pixels_first)
+    if (not all(pixels_dense(p) for p in parts) or any(p.shape[:-1] != pixels_first[0].shape[:-1] for p in pixels_first)
             or any(w.shape[2:].numel() != 1 for w, _, _ in layers)
             or any(type(act) not in IN_PLACE_ACTIVATIONS for _, _, act in layers)
             or sum(p.shape[-1] for p in pixels_first) != layers[0][0].shape[1]):

@@ -13,7 +13,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, conv_then,
                                            derived_for_inference, foldable_batch_norm, in_memory_format_of,
                                            interpolate_to, restrict_kernel, same_padding, to_channels_last)
-from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused,
+from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused, pixels_dense,
                                                   pointwise_convs_blockwise)
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
@@ -188,7 +188,7 @@ class FusionConv(nn.Sequential):
         first = self[0]
         conv, groups = first[0], first[0].groups
         if (len(parts) != groups or any(p.shape[1] != conv.in_channels // groups for p in parts)
-                or not all(p.movedim(1, -1).is_contiguous() for p in parts)):  # the blockwise 1x1s need these
+                or not all(pixels_dense(p) for p in parts)):  # checked before any work: the 1x1 stack needs it
             return None
         folded, out_affine = derived_for_inference(self, self._folded_weights)
         (weight, bias), *rest_weights = folded
