@@ -122,7 +122,8 @@ def pointwise_convs_blockwise(x: Union[torch.Tensor, Sequence[torch.Tensor]],
     if not (_cpu_float32_inference(*tensors) and layers and all(p.ndim in (4, 5) for p in parts)):
         return None
     pixels_first = [p.movedim(1, -1) for p in parts]
-    if (not all(pixels_dense(p) for p in parts) or any(p.shape[:-1] != pixels_first[0].shape[:-1] for p in pixels_first)
+    if (not all(p.is_contiguous() for p in pixels_first)  # i.e. pixels_dense, on the views needed anyway
+            or any(p.shape[:-1] != pixels_first[0].shape[:-1] for p in pixels_first)
             or any(w.shape[2:].numel() != 1 for w, _, _ in layers)
             or any(type(act) not in IN_PLACE_ACTIVATIONS for _, _, act in layers)
             or sum(p.shape[-1] for p in pixels_first) != layers[0][0].shape[1]):
@@ -137,7 +138,7 @@ def pointwise_convs_blockwise(x: Union[torch.Tensor, Sequence[torch.Tensor]],
     buffers = [torch.empty(min(block_pixels, n_pixels), m.shape[1], dtype=torch.float32) for m, _, _ in mats[:-1]]
     for start in range(0, n_pixels, block_pixels):
         stop = min(start + block_pixels, n_pixels)
-        h = None
+        h = None  # the previous layer's activated block
         for i, (mat, bias, act) in enumerate(mats):
             dest = buffers[i][:stop - start] if i < len(buffers) else out_pixels[start:stop]
             if i == 0:
