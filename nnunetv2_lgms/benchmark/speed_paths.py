@@ -33,6 +33,7 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.fuse_activation = False
         if isinstance(m, FusionConv):
             m.blockwise_pointwise = False
+            m.blockwise_training = False
         if isinstance(m, LocalMultiscaleBlock):
             m.channels_last_depthwise = False
             m.in_place_inference = False

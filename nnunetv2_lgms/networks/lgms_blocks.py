@@ -15,6 +15,7 @@ from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch
                                            interpolate_to, restrict_kernel, same_padding, to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused, pixels_dense,
                                                   pointwise_convs_blockwise)
+from nnunetv2_lgms.networks.cpu_training import pointwise_pair_blockwise
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
 
@@ -138,11 +139,17 @@ class FusionConv(nn.Sequential):
 
     Speed (``blockwise_pointwise``): on CPU, in inference with channels-last input, the two 1x1 convs (with their
     GELUs and the last BatchNorm) run block by block over the pixels (:func:`pointwise_convs_blockwise`), so the
-    4*C_out-wide map is never allocated in full. Training is unaffected.
+    4*C_out-wide map is never allocated in full.
+
+    Speed (``blockwise_training``): on CPU, in training with channels-last input, everything from the first
+    BatchNorm to the last 1x1 conv runs as one blockwise autograd function (:func:`pointwise_pair_blockwise`): the
+    4*C_out-wide map is recomputed block by block instead of stored, and the first two BatchNorms are folded into
+    the 1x1 convs with their batch statistics; same values, gradients and running statistics.
     """
 
     fold_batch_norm: bool = True
     blockwise_pointwise: bool = True
+    blockwise_training: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, norm_op: Type[nn.Module],
                  norm_kwargs: Optional[dict] = None, plan_kernel: Optional[Sequence[int]] = None):
@@ -155,7 +162,7 @@ class FusionConv(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._folds():
-            return super().forward(x)
+            return self._forward_training(x) if self.training and self.blockwise_training else super().forward(x)
         folded, out_affine = derived_for_inference(self, self._folded_weights)
         (first, *rest), ((weight, bias), *rest_weights) = self, folded
         x = conv_then(first[0], x, weight, bias, [first[1]], first.fuse_activation)
@@ -165,6 +172,12 @@ class FusionConv(nn.Sequential):
         for layer, (weight, bias) in zip(rest, rest_weights):
             x = conv_then(layer[0], x, weight, bias, [layer[1]], layer.fuse_activation)
         return self[-1][2](x)
+
+    def _forward_training(self, x: torch.Tensor) -> torch.Tensor:
+        (conv, act, norm), expand, reduce = self
+        x = act(conv(x))
+        y = pointwise_pair_blockwise(x, expand[0], expand[1], expand[2], reduce[0], input_norm=norm)
+        return reduce[2](reduce[1](y)) if y is not None else reduce(expand(norm(x)))
 
     def forward_parts(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """``self(torch.cat(parts, dim=1))``: the decoder's ``[skip, upsampled]``.

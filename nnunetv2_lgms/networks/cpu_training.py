@@ -1,0 +1,243 @@
+"""A fast path for training on CPU: ``[BatchNorm ->] conv1x1 -> GELU -> BatchNorm -> conv1x1`` computed block by block
+over the pixels, with the wide middle map never stored and the BatchNorms folded into the 1x1 convs.
+
+Why: LGMSNet's decoder fusion expands to 4 x C_out channels at full resolution, between two 1x1 convs. Autograd keeps
+three such maps for the backward (the conv output, the GELU output, the BatchNorm output) and creates three more
+(their gradients); at nnU-Net's 2D plan (batch 12, 256 x 256, 64 channels) each is 200 MB, and on CPU every pass
+over one, or a fresh allocation of one (page faults), costs about as much as the 1x1 conv itself.
+
+:func:`pointwise_pair_blockwise` computes the same values and gradients on blocks of ``BLOCK_PIXELS`` pixels (in L2)
+and recomputes the middle map from the narrow input where a pass needs it, as activation checkpointing does. With
+``x`` the input (``z = s0 x + t0`` after the optional input BatchNorm), ``U = W1 z + b1``, ``A = GELU(U)`` and the
+middle BatchNorm ``s = gamma / sigma``, ``t = beta - mu s``:
+
+* forward 0 (with an input norm): the batch moments of ``x``; ``W1 diag(s0)``, ``b1 + W1 t0`` as the first conv;
+* forward 1: ``A`` per block, accumulating its batch moments (shifted sums in float64);
+* forward 2: ``A`` again, ``out = A (W2 diag s)^T + (b2 + W2 t)``;
+* backward 1: ``A`` again, ``G = dout^T A``; the second conv's and the middle BatchNorm's gradients follow from
+  ``G`` and ``sum dout`` (the BatchNorm backward's batch reductions are ``sum dZ = W2^T sum dout`` and
+  ``sum dZ A = sum_k W2 * G``);
+* backward 2: ``U`` and ``A`` again, ``dA = dout W2 diag(s) + k1 + k2 A``, the GELU backward, ``dW1``, ``db1`` and
+  ``dx``; with an input norm, ``dx`` gets its BatchNorm backward in one more pass (``k1' + k2' x``).
+
+Only CPU training (float32 or float64) in eager mode, with training-mode BatchNorms on batch statistics and a
+channels-last input; elsewhere :func:`pointwise_pair_blockwise` returns None and callers run their modules. Running
+statistics are updated as ``nn.BatchNorm`` updates them. Equality with the modules, forward and backward:
+``tests/test_cpu_training.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from nnunetv2_lgms.networks.cpu_inference import BLOCK_PIXELS, is_compiling
+
+
+def pointwise_pair_blockwise(x: torch.Tensor, first: _ConvNd, act: nn.Module, norm: nn.Module, second: _ConvNd,
+                             input_norm: Optional[nn.Module] = None,
+                             block_pixels: int = BLOCK_PIXELS) -> Optional[torch.Tensor]:
+    """``second(norm(act(first(input_norm(x)))))`` for 1x1 convs ``first``/``second``, a GELU ``act`` and
+    BatchNorms ``norm`` (and optionally ``input_norm``) in training mode, computed blockwise (module docstring);
+    ``(B, C_in, *S) -> (B, C_out, *S)``, channels-last. Updates the norms' running statistics as their forwards
+    would. None where the path does not apply (nothing is updated then)."""
+    if not _applies(x, first, act, norm, second, input_norm):
+        return None
+    no_norm = (None, None, None, None, None, 0.0)
+    return _PointwisePair.apply(x, first.weight, first.bias, second.weight, second.bias,
+                                *_norm_args(norm), *(_norm_args(input_norm) if input_norm is not None else no_norm),
+                                act.approximate, block_pixels)
+
+
+def _applies(x, first, act, norm, second, input_norm) -> bool:
+    norms = (norm,) if input_norm is None else (norm, input_norm)
+    return (torch.is_grad_enabled() and not is_compiling() and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and x.ndim in (4, 5) and x.movedim(1, -1).is_contiguous()
+            and x.shape[0] * x.shape[2:].numel() > 1 and type(act) is nn.GELU
+            and all(_is_pointwise(c, x.dtype) for c in (first, second))
+            and all(isinstance(n, _BatchNorm) and n.training and n.affine and n.weight.dtype == x.dtype
+                    for n in norms)
+            and x.shape[1] == first.in_channels and first.out_channels == norm.num_features == second.in_channels
+            and (input_norm is None or input_norm.num_features == x.shape[1]))
+
+
+def _is_pointwise(conv: nn.Module, dtype: torch.dtype) -> bool:
+    return (isinstance(conv, _ConvNd) and not conv.transposed and conv.groups == 1 and conv.bias is not None
+            and conv.weight.shape[2:].numel() == 1 and all(s == 1 for s in conv.stride)
+            and not isinstance(conv.padding, str) and all(p == 0 for p in conv.padding)
+            and conv.weight.dtype == dtype)
+
+
+def _norm_args(norm: _BatchNorm):
+    """weight, bias, running mean, running var, running-average factor (None: no running statistics), eps."""
+    return norm.weight, norm.bias, norm.running_mean, norm.running_var, _running_stats_factor(norm), norm.eps
+
+
+def _running_stats_factor(norm: _BatchNorm) -> Optional[float]:
+    """The running-average factor ``nn.BatchNorm.forward`` uses (counting this batch, as it does), or None if the
+    norm keeps no running statistics."""
+    if not norm.track_running_stats or norm.running_mean is None:
+        return None
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
+
+
+class _Blocks:
+    """Pixel blocks of a (P, C) matrix, and the first 1x1 conv + GELU on them (``U``, ``A`` in reused buffers)."""
+
+    def __init__(self, pixels: torch.Tensor, w1t: torch.Tensor, b1: torch.Tensor, approximate: str, block: int,
+                 extra_buffers: int = 0):
+        self.pixels, self.w1t, self.b1, self.approximate = pixels, w1t, b1, approximate
+        self.n = pixels.shape[0]
+        self.block = min(block, self.n)
+        self.u, self.a, *self.extra = [pixels.new_empty(self.block, w1t.shape[1]) for _ in range(2 + extra_buffers)]
+        self.ones = pixels.new_ones(1, self.block)
+
+    def ranges(self):
+        return ((start, min(start + self.block, self.n)) for start in range(0, self.n, self.block))
+
+    def activated(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        u, a = self.u[:stop - start], self.a[:stop - start]
+        torch.addmm(self.b1, self.pixels[start:stop], self.w1t, out=u)
+        torch.ops.aten.gelu.out(u, approximate=self.approximate, out=a)
+        return u, a
+
+    def column_sum(self, m: torch.Tensor) -> torch.Tensor:
+        """Per-column sum of a block, as a GEMM (much faster than ``sum(0)`` reductions over rows here)."""
+        return torch.mm(self.ones[:, :m.shape[0]], m)[0]
+
+
+def _moments(blocks_of, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance per column over the blocks ``blocks_of()`` yields (each a scratch block that
+    may be overwritten): shifted sums (shift: the first block's mean) accumulated in float64."""
+    sum1 = sum2 = shift = None
+    for block, column_sum in blocks_of():
+        if shift is None:
+            shift = block.mean(0)
+            sum1 = torch.zeros(block.shape[1], dtype=torch.float64)
+            sum2 = torch.zeros_like(sum1)
+        block.sub_(shift)
+        sum1 += column_sum(block)
+        sum2 += column_sum(block.mul_(block))
+    mean_shifted = sum1 / n
+    var = (sum2 / n - mean_shifted * mean_shifted).clamp_min_(0)
+    return mean_shifted + shift.double(), var
+
+
+def _batch_norm_folding(moments, n, weight, bias, running_mean, running_var, factor, eps, dtype):
+    """Update the running statistics; return (mean, invstd, scale, shift) of the training-mode BatchNorm."""
+    mean64, var64 = moments
+    mean, var = mean64.to(dtype), var64.to(dtype)
+    if factor is not None:
+        running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        running_var.mul_(1 - factor).add_((var64 * (n / (n - 1))).to(dtype), alpha=factor)
+    invstd = torch.rsqrt(var + eps)
+    scale = weight * invstd
+    return mean, invstd, scale, bias - mean * scale
+
+
+def _norm_backward_coefficients(scale, invstd, mean, grad_beta, grad_gamma, n):
+    """The training-mode BatchNorm backward as ``dx = scale * dz + k1 + k2 * x``, given ``sum dz`` (``grad_beta``)
+    and ``sum dz * xhat`` (``grad_gamma``)."""
+    k2 = -scale * grad_gamma * invstd / n
+    return -scale * grad_beta / n - k2 * mean, k2
+
+
+class _PointwisePair(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, gamma, beta, running_mean, running_var, factor, eps,
+                gamma0, beta0, running_mean0, running_var0, factor0, eps0, approximate, block):
+        pixels = x.movedim(1, -1).reshape(-1, x.shape[1])  # a view: x is channels-last dense
+        n = pixels.shape[0]
+        w1m, w2m = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
+        has_input_norm = gamma0 is not None
+        if has_input_norm:  # forward 0: fold the input BatchNorm into the first conv
+            scratch = _Blocks(pixels, w1m.t(), b1, approximate, block)
+            copy = pixels.new_empty(scratch.block, pixels.shape[1])
+
+            def input_blocks():
+                for start, stop in scratch.ranges():
+                    yield copy[:stop - start].copy_(pixels[start:stop]), scratch.column_sum
+
+            mean0, invstd0, scale0, shift0 = _batch_norm_folding(_moments(input_blocks, n), n, gamma0, beta0,
+                                                                 running_mean0, running_var0, factor0, eps0, x.dtype)
+            w1f, b1f = w1m * scale0, b1 + w1m @ shift0
+        else:
+            mean0 = invstd0 = scale0 = shift0 = None
+            w1f, b1f = w1m, b1
+        blocks = _Blocks(pixels, w1f.t(), b1f, approximate, block)
+
+        def middle():  # forward 1
+            for start, stop in blocks.ranges():
+                yield blocks.activated(start, stop)[1], blocks.column_sum
+
+        mean, invstd, scale, shift = _batch_norm_folding(_moments(middle, n), n, gamma, beta, running_mean,
+                                                         running_var, factor, eps, x.dtype)
+        w2f_t, b2f = (w2m * scale).t(), b2 + w2m @ shift
+        out = x.new_empty((*x.movedim(1, -1).shape[:-1], w2m.shape[0]))  # forward 2
+        out_pixels = out.view(-1, w2m.shape[0])
+        for start, stop in blocks.ranges():
+            torch.addmm(b2f, blocks.activated(start, stop)[1], w2f_t, out=out_pixels[start:stop])
+
+        ctx.save_for_backward(x, w1, w1f, b1f, w2, mean, invstd, scale, shift,
+                              *((mean0, invstd0, scale0, shift0) if has_input_norm else ()))
+        ctx.has_input_norm, ctx.approximate, ctx.block = has_input_norm, approximate, block
+        return out.movedim(-1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w1f, b1f, w2, mean, invstd, scale, shift, *input_norm = ctx.saved_tensors
+        pixels = x.movedim(1, -1).reshape(-1, x.shape[1])
+        n = pixels.shape[0]
+        w2m = w2.reshape(w2.shape[0], -1)
+        dout = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])  # copies only if not channels-last dense
+        blocks = _Blocks(pixels, w1f.t(), b1f, ctx.approximate, ctx.block, extra_buffers=1)
+
+        g = dout.new_zeros(w2m.shape[0], w1f.shape[0])  # backward 1: G = dout^T A
+        for start, stop in blocks.ranges():
+            g.addmm_(dout[start:stop].t(), blocks.activated(start, stop)[1])
+        dout_sum = dout.sum(0)
+        grad_w2 = g * scale + torch.outer(dout_sum, shift)  # dout^T (A s + t)
+        grad_beta = w2m.t() @ dout_sum
+        grad_gamma = ((w2m * g).sum(0) - mean * grad_beta) * invstd
+        k1, k2 = _norm_backward_coefficients(scale, invstd, mean, grad_beta, grad_gamma, n)
+        w2f = w2m * scale
+
+        grad_x = x.new_empty(x.movedim(1, -1).shape)  # backward 2
+        grad_x_pixels = grad_x.view(-1, grad_x.shape[-1])
+        grad_w1f = torch.zeros_like(w1f)
+        grad_b1 = torch.zeros(w1f.shape[0], dtype=torch.float64)
+        for start, stop in blocks.ranges():
+            u, a = blocks.activated(start, stop)
+            da = blocks.extra[0][:stop - start]
+            torch.addmm(k1, dout[start:stop], w2f, out=da)
+            du = torch.ops.aten.gelu_backward.grad_input(da.addcmul_(a, k2), u, approximate=ctx.approximate,
+                                                         grad_input=a)
+            grad_w1f.addmm_(du.t(), pixels[start:stop])
+            grad_b1 += blocks.column_sum(du)
+            torch.mm(du, w1f, out=grad_x_pixels[start:stop])
+        grad_b1 = grad_b1.to(x.dtype)
+
+        if input_norm:  # the input BatchNorm's backward; the first conv's gradients w.r.t. its unfolded weights
+            mean0, invstd0, scale0, shift0 = input_norm
+            w1m = w1.reshape(w1.shape[0], -1)
+            grad_beta0 = grad_b1 @ w1m
+            grad_gamma0 = ((w1m * grad_w1f).sum(0) - mean0 * grad_beta0) * invstd0
+            k1_0, k2_0 = _norm_backward_coefficients(scale0, invstd0, mean0, grad_beta0, grad_gamma0, n)
+            # grad_x holds dz0 * scale0 (the folded conv's input gradient)
+            for start, stop in blocks.ranges():
+                grad_x_pixels[start:stop].addcmul_(pixels[start:stop], k2_0).add_(k1_0)
+            grad_w1 = grad_w1f * scale0 + torch.outer(grad_b1, shift0)
+        else:
+            grad_w1, grad_gamma0, grad_beta0 = grad_w1f, None, None
+        return (grad_x.movedim(-1, 1), grad_w1.reshape(w1.shape), grad_b1, grad_w2.reshape(w2.shape), dout_sum,
+                grad_gamma, grad_beta, None, None, None, None, grad_gamma0, grad_beta0, None, None, None, None, None,
+                None)
+
