@@ -1,7 +1,13 @@
 """FLOP counting with ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-accumulate; convolutions,
-matmuls and attention; norms and activations are not counted)."""
+matmuls and attention; norms and activations are not counted).
+
+What is counted is the architecture's arithmetic: a speed path that computes the same result with extra arithmetic
+(LGMSNet's merged depthwise conv with zero-padded kernels) steps aside while :func:`count_flops` runs
+(:func:`is_counting_flops`), so the count matches the reference implementations'.
+"""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -35,12 +41,31 @@ except (AttributeError, RuntimeError):
     pass
 
 
+_counting_flops = False
+
+
+def is_counting_flops() -> bool:
+    """True inside :func:`count_flops`: modules then run their plain arithmetic."""
+    return _counting_flops
+
+
+@contextlib.contextmanager
+def _plain_arithmetic():
+    global _counting_flops
+    previous, _counting_flops = _counting_flops, True
+    try:
+        yield
+    finally:
+        _counting_flops = previous
+
+
 def count_flops(model: nn.Module, input_shape: Sequence[int], device: str = "cpu") -> int:
-    """Forward FLOPs of ``model`` in eval mode for one input of ``input_shape`` (including the batch axis)."""
+    """Forward FLOPs of ``model``'s architecture in eval mode for one input of ``input_shape`` (including the batch
+    axis)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        with torch.no_grad(), _plain_arithmetic(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
             model(torch.zeros(*input_shape, device=device))
     finally:
         model.train(was_training)

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
 from nnunetv2_lgms.networks import cpu_inference
-from nnunetv2_lgms.networks.blocks import ConvNormAct, channels_last_format, in_memory_format_of, is_channels_last
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, channels_last_format, in_memory_format_of, is_channels_last,
+                                           restrict_kernel)
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock, UpConv
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
@@ -372,3 +373,21 @@ def test_fusion_conv_on_parts_equals_fusion_conv_on_the_concatenation(channels_l
     assert ("aten::cat" not in counter.counts) == channels_last  # NCHW parts: the plain path on the concatenation
     block.train()
     torch.testing.assert_close(block.forward_parts([skip, up]), block(torch.cat([skip, up], dim=1)))
+
+
+@pytest.mark.parametrize("plan_kernel", [(3, 3), (1, 3)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lms_merged_depthwise_equals_the_four_convs(plan_kernel, dtype):
+    """One depthwise conv with zero-padded kernels (2D, CPU) against the four convs on channel slices, forward and
+    backward; a plan kernel of 1 on an axis gives (1, k) kernels, padded along the other axis only."""
+    torch.manual_seed(0)
+    block = LocalMultiscaleBlock(nn.Conv2d, 16, nn.BatchNorm2d, plan_kernel=plan_kernel).to(dtype)
+    ref = plain_copy(block)
+    assert block.merged_depthwise and not ref.merged_depthwise
+    x = torch.randn(2, 16, 11, 13, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    counter = OpCounter()
+    with counter:
+        fast = forward_backward(block, x, lambda y: [y])
+    assert_same(fast, forward_backward(ref, x, lambda y: [y]))
+    assert counter.counts["aten::convolution"] == 3  # merged depthwise, reduce, expand (the plain path: 6)
+    assert block.depthwise[3].weight.grad.shape == (4, 1, *restrict_kernel(9, plan_kernel))

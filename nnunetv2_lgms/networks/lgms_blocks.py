@@ -6,10 +6,12 @@ from typing import Optional, Sequence, Type
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
+from nnunetv2_lgms.flops import is_counting_flops
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, conv_then,
                                            derived_for_inference, foldable_batch_norm, in_memory_format_of,
                                            interpolate_to, restrict_kernel, same_padding, to_channels_last)
@@ -35,10 +37,19 @@ class LocalMultiscaleBlock(nn.Module):
 
     Speed (``in_place_inference``): without autograd, the two residual sums and the GELU overwrite the block's own
     fresh intermediates instead of allocating new maps (on CPU a fresh multi-megabyte map costs page faults).
+
+    Speed (``merged_depthwise``): on CPU in 2D, the four depthwise convs run as one depthwise conv over all channels,
+    each group's kernel zero-padded to the largest (9x9); its weight is built from the four convs' parameters on
+    every call, so gradients reach them as usual. The padded taps double the FLOPs, but the split, the four convs on
+    4-channel slices and the concatenation cost more: at nnU-Net's 2D plan (16 channels, batch 12, 256 x 256) the
+    stage took 30 ms instead of 85 ms in inference and 301 ms instead of 383 ms forward + backward. Not in 3D (9x9x9
+    padding; its backward was 2.6x slower) nor on CUDA (not measured), nor while FLOPs are counted (the architecture's
+    FLOPs are reported, :func:`nnunetv2_lgms.flops.count_flops`).
     """
 
     channels_last_depthwise: bool = True
     in_place_inference: bool = True
+    merged_depthwise: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, norm_op: Type[nn.Module],
                  norm_kwargs: Optional[dict] = None, kernel_sizes: Sequence[int] = (3, 5, 7, 9),
@@ -66,8 +77,11 @@ class LocalMultiscaleBlock(nn.Module):
         dw_in = x
         if self.channels_last_depthwise and x.device.type == "cpu" and torch.is_grad_enabled():
             dw_in = to_channels_last(x)
-        parts = dw_in.split(self.chunk, dim=1)
-        multiscale = torch.cat([conv(part) for conv, part in zip(self.depthwise, parts)], dim=1)
+        if self.merged_depthwise and x.ndim == 4 and x.device.type == "cpu" and not is_counting_flops():
+            multiscale = self._merged_depthwise(dw_in)
+        else:
+            parts = dw_in.split(self.chunk, dim=1)
+            multiscale = torch.cat([conv(part) for conv, part in zip(self.depthwise, parts)], dim=1)
         multiscale = in_memory_format_of(multiscale, x)
         if not (self.in_place_inference and can_overwrite_intermediates(x)):
             y = self.act(self.norm(multiscale + x))
@@ -75,6 +89,18 @@ class LocalMultiscaleBlock(nn.Module):
         # the sums and the GELU overwrite tensors this block has just created (no new full-size maps)
         y = torch.ops.aten.gelu_(self.norm(multiscale.add_(x)), approximate=self.act.approximate)
         return self.expand(self.reduce(y)).add_(x)
+
+    def _merged_depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """``cat_k DW_k(x_k)`` as one depthwise conv with every kernel zero-padded (centred) to the largest."""
+        kernel = [max(conv.kernel_size[axis] for conv in self.depthwise) for axis in range(x.ndim - 2)]
+        weights = []
+        for conv in self.depthwise:
+            pad = []
+            for k_max, k in zip(reversed(kernel), reversed(conv.kernel_size)):  # F.pad: last axis first
+                pad += [(k_max - k) // 2] * 2
+            weights.append(F.pad(conv.weight, pad))
+        bias = torch.cat([conv.bias for conv in self.depthwise])
+        return F.conv2d(x, torch.cat(weights), bias, padding=same_padding(kernel), groups=x.shape[1])
 
 
 class DepthwiseConvBranch(nn.Module):
