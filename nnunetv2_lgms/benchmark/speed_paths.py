@@ -37,6 +37,7 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
         if isinstance(m, LocalMultiscaleBlock):
             m.channels_last_depthwise = False
             m.in_place_inference = False
+            m.in_place_training_sums = False
             m.merged_depthwise = False
         if isinstance(m, LGMSNet):
             m.cpu_channels_last = False

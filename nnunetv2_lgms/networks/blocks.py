@@ -124,7 +124,10 @@ class ConvNormAct(nn.Sequential):
         if norm_op is not None:
             post.append(norm_op(out_channels, **(norm_kwargs or {})))
         if act is not None:
-            post.insert(0 if act_first else len(post), act())
+            # ReLU-type activations in place: neither the conv's nor the norm's backward needs its output (on CPU a
+            # fresh full-size map costs page faults)
+            in_place = isinstance(act, type) and issubclass(act, (nn.ReLU, nn.LeakyReLU))
+            post.insert(0 if act_first else len(post), act(inplace=True) if in_place else act())
         super().__init__(*layers, *post)
         self.norm_follows_conv = norm_op is not None and not act_first
 

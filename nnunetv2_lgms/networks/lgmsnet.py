@@ -166,7 +166,10 @@ class LGMSNet(nn.Module):
     sparse Transformer hands its output back channels-last). In inference without autograd, the 2D path also folds
     BatchNorms, fuses activations into oneDNN convs, runs the decoder's 1x1 stacks block by block and never forms
     the decoder's ``[skip, up]`` concatenation (:mod:`nnunetv2_lgms.networks.cpu_inference`, :class:`FusionConv`).
-    Gains, paths off against on: results/speed_cpu/speed_paths.md. The 3D network keeps NCDHW (its InstanceNorm
+    In training, FusionConv's BatchNorm -> 1x1 -> GELU -> BatchNorm -> 1x1 runs as one blockwise autograd function
+    that never stores the 4x-wide map (:mod:`nnunetv2_lgms.networks.cpu_training`); in both modes the LMS block's
+    four depthwise convs run as one (:class:`LocalMultiscaleBlock`). Gains, paths off against on:
+    results/speed_cpu/speed_paths.md. The 3D network keeps NCDHW (its InstanceNorm
     and trilinear upsampling copy channels-last inputs); only its LMS depthwise stage switches format in training
     (see :class:`LocalMultiscaleBlock`). On CUDA the input's format is kept. The math is identical either way
     (tested against the plain path).
