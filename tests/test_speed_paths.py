@@ -389,5 +389,11 @@ def test_lms_merged_depthwise_equals_the_four_convs(plan_kernel, dtype):
     with counter:
         fast = forward_backward(block, x, lambda y: [y])
     assert_same(fast, forward_backward(ref, x, lambda y: [y]))
-    assert counter.counts["aten::convolution"] == 3  # merged depthwise, reduce, expand (the plain path: 6)
+    # forward: the merged depthwise conv, reduce, expand (the plain path: 6); backward: the input gradient of the
+    # merged conv as one more convolution, its weight gradients per group, and reduce's and expand's backward
+    assert counter.counts["aten::convolution"] == 3 + 1
+    assert counter.counts["aten::convolution_backward"] == 4 + 2
+    with torch.no_grad(), OpCounter() as no_grad_counter:
+        block(x)
+    assert no_grad_counter.counts["aten::convolution"] == 3
     assert block.depthwise[3].weight.grad.shape == (4, 1, *restrict_kernel(9, plan_kernel))

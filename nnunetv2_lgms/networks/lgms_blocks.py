@@ -15,8 +15,8 @@ from nnunetv2_lgms.flops import is_counting_flops
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, conv_then,
                                            derived_for_inference, foldable_batch_norm, in_memory_format_of,
                                            interpolate_to, restrict_kernel, same_padding, to_channels_last)
-from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused, pixels_dense,
-                                                  pointwise_convs_blockwise)
+from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused, is_compiling,
+                                                  pixels_dense, pointwise_convs_blockwise)
 from nnunetv2_lgms.networks.cpu_training import pointwise_pair_blockwise
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
@@ -100,15 +100,53 @@ class LocalMultiscaleBlock(nn.Module):
 
     def _merged_depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """``cat_k DW_k(x_k)`` as one depthwise conv with every kernel zero-padded (centred) to the largest."""
-        kernel = [max(conv.kernel_size[axis] for conv in self.depthwise) for axis in range(x.ndim - 2)]
-        weights = []
-        for conv in self.depthwise:
-            pad = []
-            for k_max, k in zip(reversed(kernel), reversed(conv.kernel_size)):  # F.pad: last axis first
-                pad += [(k_max - k) // 2] * 2
-            weights.append(F.pad(conv.weight, pad))
-        bias = torch.cat([conv.bias for conv in self.depthwise])
-        return F.conv2d(x, torch.cat(weights), bias, padding=same_padding(kernel), groups=x.shape[1])
+        params = [t for conv in self.depthwise for t in (conv.weight, conv.bias)]
+        if torch.is_grad_enabled() and not is_compiling():
+            return _MergedDepthwiseConv2d.apply(x, *params)
+        return _merged_depthwise_forward(x, params[0::2], params[1::2])[0]
+
+
+def _merged_depthwise_forward(x, weights, biases):
+    kernel = [max(w.shape[2 + axis] for w in weights) for axis in range(x.ndim - 2)]
+    padded = []
+    for w in weights:
+        pad = []
+        for k_max, k in zip(reversed(kernel), reversed(w.shape[2:])):  # F.pad: last axis first
+            pad += [(k_max - k) // 2] * 2
+        padded.append(F.pad(w, pad))
+    weight, padding = torch.cat(padded), same_padding(kernel)
+    return F.conv2d(x, weight, torch.cat(biases), padding=padding, groups=x.shape[1]), weight, padding
+
+
+class _MergedDepthwiseConv2d(torch.autograd.Function):
+    """The merged depthwise conv with autograd. Backward: the input gradient as one depthwise conv with the flipped
+    merged kernel (stride 1, centred padding); the weight and bias gradients per kernel group, on channel slices of
+    the input and gradient, because oneDNN's depthwise weight gradient costs per tap (with the zero-padded taps it
+    took 190 ms at the 2D plan's level 0, per group 126 ms in all)."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        weights, biases = params[0::2], params[1::2]
+        out, weight, padding = _merged_depthwise_forward(x, weights, biases)
+        ctx.save_for_backward(x, weight, *weights)
+        ctx.padding = padding
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, *weights = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad_out, weight.flip(-1, -2), padding=ctx.padding, groups=x.shape[1])
+        grads, start = [], 0
+        for w in weights:
+            stop = start + w.shape[0]
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out[:, start:stop], x[:, start:stop], w, [w.shape[0]], [1, 1], same_padding(w.shape[2:]),
+                [1, 1], False, [0, 0], w.shape[0], [False, True, True])
+            grads += [grad_w, grad_b]
+            start = stop
+        return (grad_x, *grads)
 
 
 class DepthwiseConvBranch(nn.Module):
