@@ -32,8 +32,8 @@ class LocalMultiscaleBlock(nn.Module):
     channels-last memory format whatever the input's format. PyTorch's CPU backward of these depthwise convs (4-8
     channels per kernel) is much faster in channels-last; measured on 2 cores, the 3D training step on the
     Hippocampus plan was 2.2-2.5x faster in three runs (results/speed_cpu/speed_paths.md). In inference the input's
-    format is kept: oneDNN's NCDHW forward of these convs was faster. The math is unchanged; one conv per kernel
-    size stays (a single 9-tap conv with zero-padded small kernels costs more FLOPs and was slower).
+    format is kept: oneDNN's NCDHW forward of these convs was faster. The math is unchanged; in 3D one conv per
+    kernel size stays (a single 9x9x9 conv with zero-padded small kernels was slower; 2D: ``merged_depthwise``).
 
     Speed (``in_place_inference``): without autograd, the two residual sums and the GELU overwrite the block's own
     fresh intermediates instead of allocating new maps (on CPU a fresh multi-megabyte map costs page faults: a
