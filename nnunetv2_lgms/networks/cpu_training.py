@@ -27,7 +27,7 @@ statistics are updated as ``nn.BatchNorm`` updates them. Equality with the modul
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,15 +89,19 @@ def _running_stats_factor(norm: _BatchNorm) -> Optional[float]:
 
 
 class _Blocks:
-    """Pixel blocks of a (P, C) matrix, and the first 1x1 conv + GELU on them (``U``, ``A`` in reused buffers)."""
+    """Blocks of rows of a (P, C) pixel matrix; per-column sums as GEMMs; and, once :meth:`with_first_conv` has set
+    its weights, the first 1x1 conv + GELU of a block into reused buffers (``U``, ``A``)."""
 
-    def __init__(self, pixels: torch.Tensor, w1t: torch.Tensor, b1: torch.Tensor, approximate: str, block: int,
-                 extra_buffers: int = 0):
-        self.pixels, self.w1t, self.b1, self.approximate = pixels, w1t, b1, approximate
-        self.n = pixels.shape[0]
+    def __init__(self, pixels: torch.Tensor, block: int):
+        self.pixels, self.n = pixels, pixels.shape[0]
         self.block = min(block, self.n)
-        self.u, self.a, *self.extra = [pixels.new_empty(self.block, w1t.shape[1]) for _ in range(2 + extra_buffers)]
         self.ones = pixels.new_ones(1, self.block)
+
+    def with_first_conv(self, w1t: torch.Tensor, b1: torch.Tensor, approximate: str, extra_buffers: int = 0):
+        self.w1t, self.b1, self.approximate = w1t, b1, approximate
+        self.u, self.a, *self.extra = [self.pixels.new_empty(self.block, w1t.shape[1])
+                                       for _ in range(2 + extra_buffers)]
+        return self
 
     def ranges(self):
         return ((start, min(start + self.block, self.n)) for start in range(0, self.n, self.block))
@@ -113,11 +117,11 @@ class _Blocks:
         return torch.mm(self.ones[:, :m.shape[0]], m)[0]
 
 
-def _moments(blocks_of, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and biased variance per column over the blocks ``blocks_of()`` yields (each a scratch block that
-    may be overwritten): shifted sums (shift: the first block's mean) accumulated in float64."""
+def _moments(blocks: Iterable[torch.Tensor], column_sum, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance per column over ``blocks`` (scratch blocks, overwritten here): shifted sums
+    (shift: the first block's mean) accumulated in float64."""
     sum1 = sum2 = shift = None
-    for block, column_sum in blocks_of():
+    for block in blocks:
         if shift is None:
             shift = block.mean(0)
             sum1 = torch.zeros(block.shape[1], dtype=torch.float64)
@@ -157,29 +161,22 @@ class _PointwisePair(torch.autograd.Function):
         pixels = x.movedim(1, -1).reshape(-1, x.shape[1])  # a view: x is channels-last dense
         n = pixels.shape[0]
         w1m, w2m = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
+        blocks = _Blocks(pixels, block)
         has_input_norm = gamma0 is not None
         if has_input_norm:  # forward 0: fold the input BatchNorm into the first conv
-            scratch = _Blocks(pixels, w1m.t(), b1, approximate, block)
-            copy = pixels.new_empty(scratch.block, pixels.shape[1])
-
-            def input_blocks():
-                for start, stop in scratch.ranges():
-                    yield copy[:stop - start].copy_(pixels[start:stop]), scratch.column_sum
-
-            mean0, invstd0, scale0, shift0 = _batch_norm_folding(_moments(input_blocks, n), n, gamma0, beta0,
-                                                                 running_mean0, running_var0, factor0, eps0, x.dtype)
+            copy = pixels.new_empty(blocks.block, pixels.shape[1])
+            x_blocks = (copy[:stop - start].copy_(pixels[start:stop]) for start, stop in blocks.ranges())
+            mean0, invstd0, scale0, shift0 = _batch_norm_folding(_moments(x_blocks, blocks.column_sum, n), n, gamma0,
+                                                                 beta0, running_mean0, running_var0, factor0, eps0,
+                                                                 x.dtype)
             w1f, b1f = w1m * scale0, b1 + w1m @ shift0
         else:
             mean0 = invstd0 = scale0 = shift0 = None
             w1f, b1f = w1m, b1
-        blocks = _Blocks(pixels, w1f.t(), b1f, approximate, block)
-
-        def middle():  # forward 1
-            for start, stop in blocks.ranges():
-                yield blocks.activated(start, stop)[1], blocks.column_sum
-
-        mean, invstd, scale, shift = _batch_norm_folding(_moments(middle, n), n, gamma, beta, running_mean,
-                                                         running_var, factor, eps, x.dtype)
+        blocks.with_first_conv(w1f.t(), b1f, approximate)
+        middle = (blocks.activated(start, stop)[1] for start, stop in blocks.ranges())  # forward 1
+        mean, invstd, scale, shift = _batch_norm_folding(_moments(middle, blocks.column_sum, n), n, gamma, beta,
+                                                         running_mean, running_var, factor, eps, x.dtype)
         w2f_t, b2f = (w2m * scale).t(), b2 + w2m @ shift
         out = x.new_empty((*x.movedim(1, -1).shape[:-1], w2m.shape[0]))  # forward 2
         out_pixels = out.view(-1, w2m.shape[0])
@@ -198,7 +195,7 @@ class _PointwisePair(torch.autograd.Function):
         n = pixels.shape[0]
         w2m = w2.reshape(w2.shape[0], -1)
         dout = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])  # copies only if not channels-last dense
-        blocks = _Blocks(pixels, w1f.t(), b1f, ctx.approximate, ctx.block, extra_buffers=1)
+        blocks = _Blocks(pixels, ctx.block).with_first_conv(w1f.t(), b1f, ctx.approximate, extra_buffers=1)
 
         g = dout.new_zeros(w2m.shape[0], w1f.shape[0])  # backward 1: G = dout^T A
         for start, stop in blocks.ranges():
