@@ -117,6 +117,8 @@ def test_pointwise_pair_blockwise_declines_and_touches_nothing():
     assert declined(layers, x.contiguous())  # not channels-last
     with torch.no_grad():
         assert declined(layers)  # inference: the eval-mode paths of cpu_inference apply there
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert declined(layers)  # the modules' per-op autocast dtypes are what the user asked for
     variants = {
         "eval-mode norm": lambda ls: ls["norm"].eval(),
         "eval-mode input norm": lambda ls: ls["input_norm"].eval(),

@@ -20,10 +20,10 @@ middle BatchNorm ``s = gamma / sigma``, ``t = beta - mu s``:
 * backward 2: ``U`` and ``A`` again, ``dA = dout W2 diag(s) + k1 + k2 A``, the GELU backward, ``dW1``, ``db1`` and
   ``dx``; with an input norm, ``dx`` gets its BatchNorm backward in one more pass (``k1' + k2' x``).
 
-Only CPU training (float32 or float64) in eager mode, with training-mode BatchNorms on batch statistics and a
-channels-last input; elsewhere :func:`pointwise_pair_blockwise` returns None and callers run their modules. Running
-statistics are updated as ``nn.BatchNorm`` updates them. Equality with the modules, forward and backward:
-``tests/test_cpu_training.py``.
+Only CPU training (float32 or float64, autocast off) in eager mode, with training-mode BatchNorms on batch
+statistics and a channels-last input; elsewhere :func:`pointwise_pair_blockwise` returns None and callers run their
+modules. Running statistics are updated as ``nn.BatchNorm`` updates them. Equality with the modules, forward and
+backward: ``tests/test_cpu_training.py``.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def pointwise_pair_blockwise(x: torch.Tensor, first: _ConvNd, act: nn.Module, no
 def _applies(x, first, act, norm, second, input_norm) -> bool:
     norms = (norm,) if input_norm is None else (norm, input_norm)
     return (torch.is_grad_enabled() and not is_compiling() and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")  # the modules' autocast dtypes differ per op
             and x.dtype in (torch.float32, torch.float64) and x.ndim in (4, 5) and x.movedim(1, -1).is_contiguous()
             and x.shape[0] * x.shape[2:].numel() > 1 and type(act) is nn.GELU
             and all(_is_pointwise(c, x.dtype) for c in (first, second))

@@ -101,7 +101,8 @@ class LocalMultiscaleBlock(nn.Module):
     def _merged_depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """``cat_k DW_k(x_k)`` as one depthwise conv with every kernel zero-padded (centred) to the largest."""
         params = [t for conv in self.depthwise for t in (conv.weight, conv.bias)]
-        if torch.is_grad_enabled() and not is_compiling():
+        # the custom backward runs outside autocast: under autocast, autograd differentiates the plain ops instead
+        if torch.is_grad_enabled() and not is_compiling() and not torch.is_autocast_enabled(x.device.type):
             return _MergedDepthwiseConv2d.apply(x, *params)
         return _merged_depthwise_forward(x, params[0::2], params[1::2])[0]
 
