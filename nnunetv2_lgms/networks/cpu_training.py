@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from nnunetv2_lgms.networks.cpu_inference import BLOCK_PIXELS, is_compiling
+from nnunetv2_lgms.networks.cpu_inference import BLOCK_PIXELS, is_compiling, pixels_dense
 
 
 def pointwise_pair_blockwise(x: torch.Tensor, first: _ConvNd, act: nn.Module, norm: nn.Module, second: _ConvNd,
@@ -56,7 +56,7 @@ def _applies(x, first, act, norm, second, input_norm) -> bool:
     norms = (norm,) if input_norm is None else (norm, input_norm)
     return (torch.is_grad_enabled() and not is_compiling() and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")  # the modules' autocast dtypes differ per op
-            and x.dtype in (torch.float32, torch.float64) and x.ndim in (4, 5) and x.movedim(1, -1).is_contiguous()
+            and x.dtype in (torch.float32, torch.float64) and x.ndim in (4, 5) and pixels_dense(x)
             and x.shape[0] * x.shape[2:].numel() > 1 and type(act) is nn.GELU
             and all(_is_pointwise(c, x.dtype) for c in (first, second))
             and all(isinstance(n, _BatchNorm) and n.training and n.affine and n.weight.dtype == x.dtype
