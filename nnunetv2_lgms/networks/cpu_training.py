@@ -186,7 +186,7 @@ class _PointwisePair(torch.autograd.Function):
 
         ctx.save_for_backward(x, w1, w1f, b1f, w2, mean, invstd, scale, shift,
                               *((mean0, invstd0, scale0, shift0) if has_input_norm else ()))
-        ctx.has_input_norm, ctx.approximate, ctx.block = has_input_norm, approximate, block
+        ctx.approximate, ctx.block = approximate, block
         return out.movedim(-1, 1)
 
     @staticmethod
@@ -198,10 +198,12 @@ class _PointwisePair(torch.autograd.Function):
         dout = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])  # copies only if not channels-last dense
         blocks = _Blocks(pixels, ctx.block).with_first_conv(w1f.t(), b1f, ctx.approximate, extra_buffers=1)
 
-        g = dout.new_zeros(w2m.shape[0], w1f.shape[0])  # backward 1: G = dout^T A
+        g = dout.new_zeros(w2m.shape[0], w1f.shape[0])  # backward 1: G = dout^T A, and sum dout on the way
+        dout_sum = torch.zeros(w2m.shape[0], dtype=torch.float64)
         for start, stop in blocks.ranges():
             g.addmm_(dout[start:stop].t(), blocks.activated(start, stop)[1])
-        dout_sum = dout.sum(0)
+            dout_sum += blocks.column_sum(dout[start:stop])
+        dout_sum = dout_sum.to(x.dtype)
         grad_w2 = g * scale + torch.outer(dout_sum, shift)  # dout^T (A s + t)
         grad_beta = w2m.t() @ dout_sum
         grad_gamma = ((w2m * g).sum(0) - mean * grad_beta) * invstd

@@ -169,10 +169,10 @@ class LGMSNet(nn.Module):
     In training, FusionConv's BatchNorm -> 1x1 -> GELU -> BatchNorm -> 1x1 runs as one blockwise autograd function
     that never stores the 4x-wide map (:mod:`nnunetv2_lgms.networks.cpu_training`); in both modes the LMS block's
     four depthwise convs run as one (:class:`LocalMultiscaleBlock`). Gains, paths off against on:
-    results/speed_cpu/speed_paths.md. The 3D network keeps NCDHW (its InstanceNorm
-    and trilinear upsampling copy channels-last inputs); only its LMS depthwise stage switches format in training
-    (see :class:`LocalMultiscaleBlock`). On CUDA the input's format is kept. The math is identical either way
-    (tested against the plain path).
+    results/speed_cpu/speed_paths.md. The 3D network keeps NCDHW (its InstanceNorm and trilinear upsampling copy
+    channels-last inputs); only its LMS depthwise stage switches format in training (see
+    :class:`LocalMultiscaleBlock`). On CUDA the input's format is kept. The math is identical either way (tested
+    against the plain path).
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: Type[_ConvNd] = nn.Conv2d,
