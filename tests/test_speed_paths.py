@@ -13,6 +13,7 @@ from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
 from nnunetv2_lgms.networks import cpu_inference
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, channels_last_format, in_memory_format_of, is_channels_last,
                                            restrict_kernel)
+from nnunetv2_lgms.networks.glims import GLIMS
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock, UpConv
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
@@ -397,3 +398,106 @@ def test_lms_merged_depthwise_equals_the_four_convs(plan_kernel, dtype):
         block(x)
     assert no_grad_counter.counts["aten::convolution"] == 3
     assert block.depthwise[3].weight.grad.shape == (4, 1, *restrict_kernel(9, plan_kernel))
+
+
+def _norm_with_random_affine(norm: nn.Module) -> nn.Module:
+    if getattr(norm, "weight", None) is not None:
+        g = torch.Generator().manual_seed(3)
+        norm.weight.data.copy_(torch.randn(norm.weight.shape, generator=g))
+        norm.bias.data.copy_(torch.randn(norm.bias.shape, generator=g))
+    return norm
+
+
+@pytest.mark.parametrize("norm", [
+    nn.InstanceNorm3d(12), nn.InstanceNorm3d(12, affine=True), nn.GroupNorm(12, 12), nn.GroupNorm(4, 12),
+    nn.GroupNorm(1, 12),
+], ids=["IN", "IN-affine", "GN-per-channel", "GN-4", "GN-1"])
+@pytest.mark.parametrize("act", [None, nn.PReLU(init=-0.3), nn.SiLU(), nn.GELU(), nn.ReLU()],
+                         ids=["none", "prelu", "silu", "gelu", "relu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_sample_norm_act_in_place_equals_the_modules(norm, act, channels_last):
+    """GLIMS's and LGMSNet-3D's InstanceNorm/GroupNorm + activation, computed in place on CPU without autograd: the
+    float64 result of the modules within float32 round-off (blocks of 100 pixels, so the last one is partial; channel
+    offsets of 10 standard deviations, so a one-pass variance would lose digits)."""
+    torch.manual_seed(0)
+    norm = _norm_with_random_affine(norm)
+    x = torch.randn(3, 12, 7, 10, 9) * 3 + torch.randn(1, 12, 1, 1, 1) * 30
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = copy.deepcopy(norm).double()(x.double())
+        if act is not None:
+            expected = copy.deepcopy(act).double()(expected)
+        y = x.clone(memory_format=torch.preserve_format)
+        out = cpu_inference.per_sample_norm_act_(y, norm, act, block_pixels=100)
+    assert out is y and out.stride() == x.stride()  # in place, layout kept
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5 * magnitude([expected]))
+
+
+def test_per_sample_norm_act_declines_where_it_does_not_apply():
+    x = torch.randn(2, 8, 5, 6, 4)
+    before = x.clone()
+    norm = nn.InstanceNorm3d(8)
+    with torch.no_grad():
+        assert cpu_inference.per_sample_norm_act_(x.double(), norm) is None  # float64
+        assert cpu_inference.per_sample_norm_act_(x, nn.InstanceNorm3d(8, track_running_stats=True)) is None
+        assert cpu_inference.per_sample_norm_act_(x, nn.BatchNorm3d(8)) is None  # folded elsewhere
+        assert cpu_inference.per_sample_norm_act_(x, norm, nn.PReLU(8)) is None  # per-channel slope
+        assert cpu_inference.per_sample_norm_act_(x, norm, nn.Tanh()) is None
+        assert cpu_inference.per_sample_norm_act_(x[:, :, ::2], norm) is None  # neither layout
+    assert cpu_inference.per_sample_norm_act_(x, norm) is None  # autograd on
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dim, patch, strides", [
+    (2, (64, 48), [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]]),
+    (3, (16, 32, 48), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_glims_inference_without_autograd_equals_plain_network(dim, patch, strides, dtype, grad_off):
+    """GLIMS's CPU inference paths (DACB channels-last with norms in place and no concatenation, in-place norms after
+    the strided convs, no [up, skip] concatenation in the decoder) give the plain result, leave the input alone and
+    return contiguous logits; in float32 no InstanceNorm/GroupNorm kernel runs at all."""
+    torch.manual_seed(0)
+    kernels = [[1, 3, 3]] + [[3, 3, 3]] * 4 if dim == 3 else [[3, 3]] * 5
+    net = GLIMS.from_plan(patch, strides, kernels, 2, 3, deep_supervision=True, feature_size=12).to(dtype).eval()
+    ref = plain_copy(net).eval()
+    x = torch.randn(2, 2, *patch, dtype=dtype)
+    x_before = x.clone()
+    counter = OpCounter()
+    with grad_off():
+        expected = ref(x)
+        with counter:
+            out = net(x)
+    assert torch.equal(x, x_before)
+    assert len(out) == len(expected) == 5 and all(o.is_contiguous() for o in out)
+    if dtype == torch.float64:
+        for o, e in zip(out, expected):
+            close(o, e, magnitude([e]))
+    else:  # GLIMS's chained InstanceNorms amplify round-off: the plain float32 path lies up to ~1.6e-4 x the logits'
+        # magnitude from the float64 network; the in-place norms (two-pass variances) lie closer
+        with grad_off():
+            exact = copy.deepcopy(ref).double()(x.double())
+        for o, e in zip(out, exact):
+            torch.testing.assert_close(o.double(), e, rtol=0, atol=1e-4 * magnitude([e]))
+        assert counter.counts["aten::native_group_norm"] == 0 and counter.counts["aten::native_batch_norm"] == 0
+        # the DACBs' branch concatenations (12 DACBs) and the 4 decoder concatenations are gone
+        assert counter.counts["aten::cat"] < dict(ref_counts(ref, x, grad_off))["aten::cat"] - 12
+
+
+def ref_counts(net, x, grad_off):
+    counter = OpCounter()
+    with grad_off(), counter:
+        net(x)
+    return counter.counts
+
+
+def test_glims_training_is_untouched_by_the_inference_paths():
+    """With autograd the GLIMS blocks compute exactly as the plain path (same ops, same numbers)."""
+    torch.manual_seed(0)
+    net = GLIMS.from_plan((16, 32, 48), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 5,
+                          1, 2, deep_supervision=False, feature_size=12).double().train()
+    ref = plain_copy(net)
+    x = torch.randn(1, 1, 16, 32, 48, dtype=torch.float64)
+    assert_same(forward_backward(net, x, lambda o: [o]), forward_backward(ref, x, lambda o: [o]))

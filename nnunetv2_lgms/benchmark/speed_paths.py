@@ -20,6 +20,7 @@ from torch import nn
 
 from nnunetv2_lgms.benchmark.tables import markdown_table
 from nnunetv2_lgms.networks.blocks import ConvNormAct
+from nnunetv2_lgms.networks.glims_blocks import DACB, StridedConvINPReLU
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
 
@@ -31,6 +32,7 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.fold_batch_norm = False
         if isinstance(m, ConvNormAct):
             m.fuse_activation = False
+            m.norm_in_place = False
         if isinstance(m, FusionConv):
             m.blockwise_pointwise = False
             m.blockwise_training = False
@@ -41,6 +43,10 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.merged_depthwise = False
         if isinstance(m, LGMSNet):
             m.cpu_channels_last = False
+        if isinstance(m, DACB):
+            m.fast_inference = False
+        if isinstance(m, StridedConvINPReLU):
+            m.norm_in_place = False
     return net
 
 

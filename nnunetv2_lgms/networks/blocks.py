@@ -13,7 +13,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_lgms.networks.cpu_inference import conv_act_fused, is_compiling
+from nnunetv2_lgms.networks.cpu_inference import (activation_in_place, can_overwrite_intermediates, conv_act_fused,
+                                                  has_in_place_form, is_compiling, is_per_sample_norm,
+                                                  per_sample_norm_act_)
 
 IntOrSeq = Union[int, Sequence[int]]
 T = TypeVar("T")
@@ -108,10 +110,13 @@ class ConvNormAct(nn.Sequential):
       a weight or statistic changes (:func:`derived_for_inference`).
     - ``fuse_activation``: on CPU without autograd, an activation that directly follows the (folded) conv runs as a
       oneDNN post-op of the conv (:func:`conv_act_fused`).
+    - ``norm_in_place``: on CPU without autograd, an InstanceNorm or GroupNorm and the activation after it run in
+      place on the conv's output (:func:`norm_act_on_fresh`).
     """
 
     fold_batch_norm: bool = True
     fuse_activation: bool = True
+    norm_in_place: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size: IntOrSeq,
                  norm_op: Optional[Type[nn.Module]], act: Optional[Type[nn.Module]], bias: bool = False,
@@ -135,27 +140,51 @@ class ConvNormAct(nn.Sequential):
         if self.training:
             return super().forward(x)
         conv, rest = self[0], list(self)[1:]
-        if self.norm_follows_conv:
-            if not (self.fold_batch_norm and foldable_batch_norm(rest[0])):
-                return super().forward(x)
+        weight, bias = conv.weight, conv.bias
+        if self.norm_follows_conv and self.fold_batch_norm and foldable_batch_norm(rest[0]):
             norm, rest = rest[0], rest[1:]
             weight, bias = derived_for_inference(self, lambda: fold_batch_norm_after(conv, norm))
-        else:
-            weight, bias = conv.weight, conv.bias
-        return conv_then(conv, x, weight, bias, rest, self.fuse_activation)
+        elif self.norm_follows_conv and not (self.norm_in_place and is_per_sample_norm(rest[0])):
+            return super().forward(x)
+        return conv_then(conv, x, weight, bias, rest, self.fuse_activation, self.norm_in_place)
 
 
 def conv_then(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-              layers: Sequence[nn.Module], fuse_activation: bool = True) -> torch.Tensor:
+              layers: Sequence[nn.Module], fuse_activation: bool = True, norm_in_place: bool = True) -> torch.Tensor:
     """``layers(conv(x))`` with ``weight``/``bias`` in place of the conv's own, the first layer fused into the conv
-    where :func:`conv_act_fused` can."""
+    where :func:`conv_act_fused` can, per-sample norms in place where :func:`norm_act_on_fresh` can."""
     fused = conv_act_fused(conv, x, weight, bias, layers[0]) if fuse_activation and layers else None
     if fused is None:
         x = conv._conv_forward(x, weight, bias)
     else:
         x, layers = fused, layers[1:]
+    if norm_in_place:
+        return norm_act_on_fresh(x, layers)
     for layer in layers:
         x = layer(x)
+    return x
+
+
+def norm_act_on_fresh(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
+    """``layers(x)`` for a map ``x`` the caller has just created. Without autograd, each layer overwrites ``x``
+    where it can: an InstanceNorm or GroupNorm together with an activation right after it
+    (:func:`~nnunetv2_lgms.networks.cpu_inference.per_sample_norm_act_`, CPU float32), an activation on its own
+    (:func:`~nnunetv2_lgms.networks.cpu_inference.activation_in_place`); other layers run as usual."""
+    layers = list(layers)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if can_overwrite_intermediates(x):
+            if is_per_sample_norm(layer):
+                act = layers[i + 1] if i + 1 < len(layers) and has_in_place_form(layers[i + 1]) else None
+                y = per_sample_norm_act_(x, layer, act)
+                if y is not None:
+                    x, i = y, i + (1 if act is None else 2)
+                    continue
+            elif has_in_place_form(layer):
+                x, i = activation_in_place(layer, x), i + 1
+                continue
+        x, i = layer(x), i + 1
     return x
 
 

@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
+from nnunetv2_lgms.flops import is_counting_flops
+
 # pixels per block in :func:`pointwise_convs_blockwise`: a 64-channel float32 block is 2 MB and stays in L2
 BLOCK_PIXELS = 8192
 
@@ -87,9 +89,21 @@ def conv_act_fused(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: O
 IN_PLACE_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 
-def activation_in_place(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)`` written into ``x``, for the modules in ``IN_PLACE_ACTIVATIONS``."""
+def has_in_place_form(act: Optional[nn.Module]) -> bool:
+    """Whether :func:`activation_in_place` takes ``act``: the ``IN_PLACE_ACTIVATIONS`` and a single-parameter PReLU
+    (a leaky ReLU with a learnt slope), or None (no activation)."""
+    return (act is None or type(act) in IN_PLACE_ACTIVATIONS
+            or (type(act) is nn.PReLU and act.weight.numel() == 1))
+
+
+def activation_in_place(act: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``act(x)`` written into ``x``, for the activations of :func:`has_in_place_form` (not under autograd for a
+    PReLU)."""
+    if act is None:
+        return x
     kind = type(act)
+    if kind is nn.PReLU and act.weight.numel() == 1:
+        return F.leaky_relu_(x, float(act.weight))
     if kind is nn.GELU:
         return torch.ops.aten.gelu_(x, approximate=act.approximate)
     if kind is nn.SiLU:
@@ -158,3 +172,62 @@ def _matmul_into(dest: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Opt
         torch.mm(a, b, out=dest)
     else:
         torch.addmm(bias, a, b, out=dest)
+
+
+def is_per_sample_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` normalises with the statistics of each sample: a GroupNorm, or an InstanceNorm without running
+    statistics (nnU-Net's and GLIMS's 3D norms); neither can be folded into a conv."""
+    if isinstance(norm, nn.GroupNorm):
+        return True
+    return isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
+
+
+def per_sample_norm_act_(x: torch.Tensor, norm: nn.Module, act: Optional[nn.Module] = None,
+                         block_pixels: int = BLOCK_PIXELS) -> Optional[torch.Tensor]:
+    """``act(norm(x))`` written into ``x`` (B, C, *S), for a norm of :func:`is_per_sample_norm` and an activation of
+    :func:`has_in_place_form`; None (``x`` untouched) where the path does not apply: not CPU float32 inference, or
+    ``x`` neither contiguous nor channels-last, or FLOPs being counted (its reductions are GEMVs, which
+    ``FlopCounterMode`` would count). The caller must own ``x`` (a fresh intermediate).
+
+    Why: ``nn.InstanceNorm`` on a channels-last map first copies it to NC(D)HW (GLIMS level 0, 9x24x40x56x40:
+    ~210 ms against ~40 ms); on either layout it writes a fresh map, and the activation a second one. Here: the
+    per-channel means (one reduction), the squared deviations from them summed block by block with a GEMV (two
+    passes, so no cancellation; float64 accumulation across blocks), then one scale-and-shift and the activation in
+    place. GroupNorm's group statistics combine its channels' (equal counts): the mean of the means, and the mean of
+    the variances plus the variance of the means.
+    """
+    affine = [t for t in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if t is not None]
+    if not (_cpu_float32_inference(x, *affine) and not is_counting_flops() and x.ndim in (3, 4, 5)
+            and is_per_sample_norm(norm)
+            and has_in_place_form(act) and (x.is_contiguous() or pixels_dense(x))):
+        return None
+    b, c = x.shape[:2]
+    groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else c
+    rows = x.movedim(1, -1).reshape(b, -1, c)  # (B, pixels, C): a view in both layouts
+    n = rows.shape[1]
+    mean = rows.mean(dim=1)
+    squares = torch.zeros(b, c, dtype=torch.float64)
+    ones = torch.ones(min(block_pixels, n), dtype=torch.float32)
+    for i in range(b):
+        for start in range(0, n, block_pixels):
+            dev = rows[i, start:start + block_pixels] - mean[i]
+            squares[i] += ones[:dev.shape[0]] @ dev.mul_(dev)
+    mean64, var64 = mean.double(), squares / n
+    if groups != c:
+        mean64, var64 = mean64.view(b, groups, -1), var64.view(b, groups, -1)
+        group_mean = mean64.mean(dim=2, keepdim=True)
+        var64 = (var64.mean(dim=2, keepdim=True) + (mean64 - group_mean).square().mean(dim=2, keepdim=True))
+        mean64 = group_mean.expand(-1, -1, c // groups).reshape(b, c)
+        var64 = var64.expand(-1, -1, c // groups).reshape(b, c)
+    scale = torch.rsqrt(var64 + norm.eps)
+    shift = -mean64 * scale
+    if getattr(norm, "weight", None) is not None:
+        scale, shift = scale * norm.weight, shift * norm.weight
+    if getattr(norm, "bias", None) is not None:
+        shift = shift + norm.bias
+    scale, shift = scale.float(), shift.float()
+    for i in range(b):  # block by block, so that scale, shift and activation make one pass over memory
+        for start in range(0, n, block_pixels):
+            block = rows[i, start:start + block_pixels]
+            activation_in_place(act, torch.addcmul(shift[i], block, scale[i], out=block))
+    return x

@@ -263,7 +263,9 @@ class GLIMS(nn.Module):
                                     num_heads, window, deep_supervision, exact_relative_bias)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        return self.decoder(*self.encoder(x))
+        out = self.decoder(*self.encoder(x))
+        # contiguous outputs whatever the internal memory format (the CPU inference paths run channels-last)
+        return [o.contiguous() for o in out] if isinstance(out, list) else out.contiguous()
 
     def num_parameters(self, include_auxiliary_heads: bool = False) -> int:
         """Parameters of the published architecture (incl. its four heads); the nnU-Net-only auxiliary head on

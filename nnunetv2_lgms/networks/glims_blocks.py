@@ -15,8 +15,10 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, as_tuple, instance_norm_for, restrict_kernel, same_padding,
-                                           to_channels_last)
+from nnunetv2_lgms.flops import is_counting_flops
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, as_tuple, instance_norm_for, norm_act_on_fresh,
+                                           restrict_kernel, same_padding, to_channels_last)
+from nnunetv2_lgms.networks.cpu_inference import can_overwrite_intermediates, pointwise_convs_blockwise
 
 
 def conv_in_prelu(conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size=1) -> ConvNormAct:
@@ -25,11 +27,32 @@ def conv_in_prelu(conv_op: Type[_ConvNd], in_channels: int, out_channels: int, k
                        bias=True)
 
 
+def cpu_inference_path(x: torch.Tensor) -> bool:
+    """Whether GLIMS's CPU inference paths apply: CPU, no autograd, not traced, FLOPs not being counted."""
+    return x.device.type == "cpu" and can_overwrite_intermediates(x) and not is_counting_flops()
+
+
+def pointwise_conv_norm_act_on_parts(layer: ConvNormAct, parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``layer(torch.cat(parts, dim=1))`` for a 1x1 conv-norm-act, without forming the concatenation: the conv is
+    one GEMM per part, block by block (:func:`pointwise_convs_blockwise`), the norm and activation run in place.
+    None where that path does not apply (parts not channels-last, not CPU float32 inference)."""
+    conv = layer[0]
+    if conv.weight.shape[2:].numel() != 1 or conv.groups != 1 or not layer.norm_follows_conv:
+        return None
+    y = pointwise_convs_blockwise(parts, [(conv.weight, conv.bias, nn.Identity())])
+    return None if y is None else norm_act_on_fresh(y, list(layer)[1:])
+
+
 class StridedConvINPReLU(nn.Sequential):
     """Down (``transposed=False``: conv, kernel = stride) or up (``transposed=True``: transposed conv, kernel =
     stride) by the per-axis ``stride``, then InstanceNorm (affine=False) and PReLU(1). Official: k2 s2 on every axis;
     nnU-Net plans give per-axis strides such as (1, 2, 2), and stride 1 gives a 1x1 conv.
-    ``(B, C_in, *S) -> (B, C_out, *S / stride)`` (or ``* stride``)."""
+    ``(B, C_in, *S) -> (B, C_out, *S / stride)`` (or ``* stride``).
+
+    Speed (``norm_in_place``): in CPU inference the norm and PReLU overwrite the conv's output
+    (:func:`norm_act_on_fresh`)."""
+
+    norm_in_place: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, stride: Sequence[int],
                  transposed: bool = False):
@@ -38,6 +61,11 @@ class StridedConvINPReLU(nn.Sequential):
         op = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dim] if transposed else conv_op
         super().__init__(op(in_channels, out_channels, stride, stride=stride, bias=True),
                          instance_norm_for(conv_op)(out_channels), nn.PReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_in_place and cpu_inference_path(x):
+            return norm_act_on_fresh(self[0](x), list(self)[1:])
+        return super().forward(x)
 
 
 def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
@@ -80,7 +108,14 @@ class DACB(nn.Module):
     (frozen) so that the parameter count matches (1 parameter). Kernels are 1 on axes where the plan's kernel is 1.
     On CPU the dilated depthwise convs go through :func:`depthwise_conv_cpu` (same result, much faster).
     ``(B, C, *S) -> (B, C, *S)``.
+
+    Speed (``fast_inference``): in CPU inference the block runs channels-last; every norm and PReLU overwrites the
+    map it normalises (:func:`norm_act_on_fresh`; ``nn.InstanceNorm`` first copies a channels-last map to NCDHW),
+    the 3C-wide concatenation is never formed (the first 1x1 conv sums one GEMM per branch) and the residual sum is
+    in place.
     """
+
+    fast_inference: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, emb_dim: int,
                  plan_kernel: Optional[Sequence[int]] = None, dilations: Sequence[int] = (1, 2, 3)):
@@ -102,11 +137,24 @@ class DACB(nn.Module):
         self.unused_prelu.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_inference and cpu_inference_path(x):
+            return self._forward_cpu_inference(x)
         cpu = x.device.type == "cpu"
         branches = [act(norm(depthwise_conv_cpu(x, conv) if cpu else conv(x)))
                     for conv, norm, act in zip(self.dilated_convs, self.dilated_norms, self.dilated_acts)]
         y = self.compress(torch.cat(branches, dim=1))
         return self.act(self.norm(y + x))
+
+    def _forward_cpu_inference(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_channels_last(x)
+        branches = [norm_act_on_fresh(conv(x), [norm, act])
+                    for conv, norm, act in zip(self.dilated_convs, self.dilated_norms, self.dilated_acts)]
+        first, second = self.compress
+        y = pointwise_conv_norm_act_on_parts(first, branches)
+        y = second(first(torch.cat(branches, dim=1)) if y is None else y)
+        if y.dtype != x.dtype or y.stride() != x.stride():  # (float64, or a layout the GEMMs did not give)
+            return self.act(self.norm(y + x))
+        return norm_act_on_fresh(y.add_(x), [self.norm, self.act])
 
 
 class CSAB(nn.Module):
@@ -147,6 +195,8 @@ class CSAB(nn.Module):
         return torch.sigmoid(self.spatial_act(y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if can_overwrite_intermediates(x):  # one full-size product fewer
+            return (x * self.spatial_gate(x)).mul_(self.channel_gate(x))
         return x * (self.channel_gate(x) * self.spatial_gate(x))
 
 
@@ -178,4 +228,8 @@ class DMSU(nn.Module):
         self.blocks = nn.Sequential(*[DACB(conv_op, channels, 2 * channels, plan_kernel) for _ in range(num_blocks)])
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.fuse(torch.cat([self.up(x), skip], dim=1)))
+        up = self.up(x)
+        fused = None
+        if self.fuse.norm_in_place and cpu_inference_path(up):  # no [up, skip] concatenation
+            fused = pointwise_conv_norm_act_on_parts(self.fuse, [up, to_channels_last(skip)])
+        return self.blocks(self.fuse(torch.cat([up, skip], dim=1)) if fused is None else fused)

@@ -14,7 +14,8 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from nnunetv2_lgms.flops import is_counting_flops
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, conv_then,
                                            derived_for_inference, foldable_batch_norm, in_memory_format_of,
-                                           interpolate_to, restrict_kernel, same_padding, to_channels_last)
+                                           interpolate_to, norm_act_on_fresh, restrict_kernel, same_padding,
+                                           to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused, is_compiling,
                                                   pixels_dense, pointwise_convs_blockwise)
 from nnunetv2_lgms.networks.cpu_training import pointwise_pair_blockwise
@@ -89,7 +90,7 @@ class LocalMultiscaleBlock(nn.Module):
         multiscale = in_memory_format_of(multiscale, x)
         if self.in_place_inference and can_overwrite_intermediates(x):
             # the sums and the GELU overwrite tensors this block has just created (no new full-size maps)
-            y = torch.ops.aten.gelu_(self.norm(multiscale.add_(x)), approximate=self.act.approximate)
+            y = norm_act_on_fresh(multiscale.add_(x), [self.norm, self.act])
             return self.expand(self.reduce(y)).add_(x)
         if self.in_place_training_sums and multiscale.dtype == x.dtype:
             # with autograd too: neither the depthwise conv's nor SiLU's backward needs its output
