@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
-from nnunetv2_lgms.networks import lgms_blocks
+from nnunetv2_lgms.networks import cpu_training, lgms_blocks
+from nnunetv2_lgms.networks.blocks import ScalarPReLU
 from nnunetv2_lgms.networks.cpu_training import pointwise_pair_blockwise
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv
 
@@ -160,3 +161,37 @@ def test_fusion_conv_training_runs_blockwise_and_equals_the_plain_modules(dtype,
         close(a, b, scale)
     for a, b in zip(block.buffers(), ref.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("slope", [0.25, -0.7])
+def test_scalar_prelu_equals_nn_prelu_forward_and_backward(dtype, channels_last, slope):
+    """GLIMS's single-slope PReLU with the leaky-ReLU backward and a dot product for the slope: values, input
+    gradient and slope gradient of ``nn.PReLU`` (exact values at x = 0 included)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, 4, dtype=dtype)
+    x[0, 0, 0] = 0.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    grad = torch.randn(x.shape, dtype=dtype)
+    fast, plain = ScalarPReLU(init=slope).to(dtype), nn.PReLU(init=slope).to(dtype)
+    results = []
+    for module in (fast, plain):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, module.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-5)
+    assert cpu_training.scalar_prelu(x, fast.weight) is not None  # the fast function ran (autograd on, CPU)
+
+
+def test_scalar_prelu_declines_where_it_does_not_apply():
+    x, w = torch.randn(2, 3, 4, 4), torch.tensor([0.25])
+    assert cpu_training.scalar_prelu(x, torch.tensor([0.25, 0.1, 0.2])) is None  # per-channel slopes
+    assert cpu_training.scalar_prelu(x.half(), w.half()) is None
+    with torch.no_grad():
+        assert cpu_training.scalar_prelu(x, w) is None  # inference: the in-place paths handle it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_training.scalar_prelu(x, w) is None

@@ -493,8 +493,8 @@ def ref_counts(net, x, grad_off):
     return counter.counts
 
 
-def test_glims_training_is_untouched_by_the_inference_paths():
-    """With autograd the GLIMS blocks compute exactly as the plain path (same ops, same numbers)."""
+def test_glims_training_equals_plain_network():
+    """With autograd the inference paths step aside; the PReLUs' faster backward gives the same gradients."""
     torch.manual_seed(0)
     net = GLIMS.from_plan((16, 32, 48), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 5,
                           1, 2, deep_supervision=False, feature_size=12).double().train()

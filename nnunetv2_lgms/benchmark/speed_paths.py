@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nnunetv2_lgms.benchmark.tables import markdown_table
-from nnunetv2_lgms.networks.blocks import ConvNormAct
+from nnunetv2_lgms.networks.blocks import ConvNormAct, ScalarPReLU
 from nnunetv2_lgms.networks.glims_blocks import DACB, StridedConvINPReLU
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
@@ -47,6 +47,8 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.fast_inference = False
         if isinstance(m, StridedConvINPReLU):
             m.norm_in_place = False
+        if isinstance(m, ScalarPReLU):
+            m.fast_backward = False
     return net
 
 

@@ -93,7 +93,7 @@ def has_in_place_form(act: Optional[nn.Module]) -> bool:
     """Whether :func:`activation_in_place` takes ``act``: the ``IN_PLACE_ACTIVATIONS`` and a single-parameter PReLU
     (a leaky ReLU with a learnt slope), or None (no activation)."""
     return (act is None or type(act) in IN_PLACE_ACTIVATIONS
-            or (type(act) is nn.PReLU and act.weight.numel() == 1))
+            or (isinstance(act, nn.PReLU) and act.weight.numel() == 1))
 
 
 def activation_in_place(act: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def activation_in_place(act: Optional[nn.Module], x: torch.Tensor) -> torch.Tens
     if act is None:
         return x
     kind = type(act)
-    if kind is nn.PReLU and act.weight.numel() == 1:
+    if isinstance(act, nn.PReLU) and act.weight.numel() == 1:
         return F.leaky_relu_(x, float(act.weight))
     if kind is nn.GELU:
         return torch.ops.aten.gelu_(x, approximate=act.approximate)

@@ -241,3 +241,35 @@ class _PointwisePair(torch.autograd.Function):
                 grad_gamma, grad_beta, None, None, None, None, grad_gamma0, grad_beta0, None, None, None, None, None,
                 None)
 
+
+
+def scalar_prelu(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """``F.prelu(x, weight)`` for a single learnt slope, with a faster backward on CPU; None where it does not
+    apply (not CPU, not float32/64, autocast, ``torch.compile``, more than one slope, no autograd).
+
+    Why: PyTorch's CPU PReLU backward with one slope took ~170 ms on GLIMS's level-0 map (9 x 24 x 40 x 56 x 40)
+    against ~75 ms for a leaky ReLU's; here the input gradient is the leaky-ReLU backward with the slope's value and
+    the slope's gradient one masked dot product, ``sum(dy * min(x, 0))``.
+    """
+    if not (torch.is_grad_enabled() and x.device.type == "cpu" and weight.numel() == 1
+            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
+            and not is_compiling() and not torch.is_autocast_enabled("cpu")):
+        return None
+    return _ScalarPReLU.apply(x, weight)
+
+
+class _ScalarPReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.leaky_relu(x, float(weight))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.leaky_relu_backward(grad_out, x, float(weight), False)
+        if ctx.needs_input_grad[1]:
+            grad_weight = x.clamp(max=0).mul_(grad_out).sum().reshape(weight.shape)
+        return grad_x, grad_weight
