@@ -63,13 +63,16 @@ def test_speed_paths_table(tmp_path, clean_nnunet_env, monkeypatch, capsys):
     tiny = PlanPreset("tiny 2D", 978, "2d", {"0": "x"}, {"background": 0, "a": 1}, (999.0, 1.0, 1.0), (1, 32, 32),
                       40, ".png")
     monkeypatch.setitem(synthetic_plans.PRESETS, "tiny", tiny)
-    assert speed_paths.main(["--presets", "tiny", "--repeats", "1"]) == 0
+    assert speed_paths.main(["--presets", "tiny", "-tr", "nnUNetTrainerLGMSNet", "nnUNetTrainerGLIMS",
+                             "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1].startswith("patch 32x32, batch")
-    for seconds, gain in ((cells[2], cells[4]), (cells[5], cells[7])):
-        assert float(seconds.rstrip(" s")) > 0 and float(gain.rstrip("x")) > 0
+    rows = [line for line in out.splitlines() if line.startswith("| tiny |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["nnUNetTrainerLGMSNet", "nnUNetTrainerGLIMS"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2].startswith("patch 32x32, batch")
+        for seconds, gain in ((cells[3], cells[5]), (cells[6], cells[8])):
+            assert float(seconds.rstrip(" s")) > 0 and float(gain.rstrip("x")) > 0
 
 
 def test_speed_report_keeps_the_plans_finished_before_a_failure(tmp_path, clean_nnunet_env, monkeypatch):

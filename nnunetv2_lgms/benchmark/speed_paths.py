@@ -1,8 +1,9 @@
-"""What LGMSNet's CPU speed paths gain: the same network with every speed switch on (default) and off, timed
-interleaved on the plans of the speed report (forward at the plan's batch in eval mode, training step with
-SGD). The math is the same either way (``tests/test_speed_paths.py``)::
+"""What the CPU speed paths of LGMSNet (default) and GLIMS gain: the same network with every speed switch on
+(default) and off, timed interleaved on the plans of the speed report (forward at the plan's batch in eval mode,
+training step with SGD). The math is the same either way (``tests/test_speed_paths.py``)::
 
-    python -m nnunetv2_lgms.benchmark.speed_paths [--presets 2d-256 hippocampus-3d] [--repeats 3]
+    python -m nnunetv2_lgms.benchmark.speed_paths [--presets 2d-256 hippocampus-3d] [-tr nnUNetTrainerLGMSNet
+        nnUNetTrainerGLIMS] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nnunetv2_lgms.benchmark.speed_paths", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["2d-256", "hippocampus-3d"])
+    parser.add_argument("-tr", "--trainers", nargs="+", default=["nnUNetTrainerLGMSNet"],
+                        help="this package's trainers whose networks to time (default: LGMSNet's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
@@ -85,10 +88,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="nnunetv2_lgms_paths_") as tmp:
-        for key in args.presets:
+        for key, trainer in [(k, t) for k in args.presets for t in args.trainers]:
             ctx = plan_preset(key, Path(tmp))
             torch.manual_seed(0)
-            fast = build_network(find_trainer_class("nnUNetTrainerLGMSNet"), ctx, deep_supervision=True)
+            fast = build_network(find_trainer_class(trainer), ctx, deep_supervision=True)
             plain = disable_speed_paths(copy.deepcopy(fast))
             x = torch.randn(ctx.batch_size, ctx.num_input_channels, *ctx.patch_size)
             times = {("on", "fwd"): [], ("on", "train"): [], ("off", "fwd"): [], ("off", "train"): []}
@@ -101,15 +104,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         times[(name, "fwd")].append(t_fwd)
                         times[(name, "train")].append(t_train)
             med = {k: statistics.median(v) for k, v in times.items()}
-            rows.append([key, describe(ctx),
+            rows.append([key, trainer, describe(ctx),
                          f"{med[('off', 'fwd')]:.2f} s", f"{med[('on', 'fwd')]:.2f} s",
                          f"{med[('off', 'fwd')] / med[('on', 'fwd')]:.2f}x",
                          f"{med[('off', 'train')]:.2f} s", f"{med[('on', 'train')]:.2f} s",
                          f"{med[('off', 'train')] / med[('on', 'train')]:.2f}x"])
-            print(f"[{key}] done", file=sys.stderr, flush=True)
-    print(f"LGMSNet, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} "
+            print(f"[{key}, {trainer}] done", file=sys.stderr, flush=True)
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} "
           f"interleaved repetitions after 1 warm-up\n")
-    print(markdown_table(["plan", "nnU-Net plan", "forward, paths off", "forward, paths on", "gain",
+    print(markdown_table(["plan", "trainer", "nnU-Net plan", "forward, paths off", "forward, paths on", "gain",
                           "train step, paths off", "train step, paths on", "gain"], rows))
     return 0
 
