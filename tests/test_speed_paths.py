@@ -100,7 +100,6 @@ def test_lgmsnet_speed_paths_equal_plain_network(dim, patch, strides, train, dty
     torch.manual_seed(0)
     kernels = [[1, 3, 3]] + [[3, 3, 3]] * 4 if dim == 3 else [[3, 3]] * 5
     net = LGMSNet.from_plan(patch, strides, kernels, 2, 3, deep_supervision=train).to(dtype)
-    assert net.cpu_channels_last == (dim == 2)
     randomise_norm_statistics(net)  # eval mode: BatchNorms folded into convs
     ref = plain_copy(net)
     net.train(train)
@@ -313,15 +312,18 @@ def test_pointwise_convs_blockwise_equal_layer_by_layer(shape, fmt, with_affine)
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
-def test_lgmsnet_inference_without_autograd_equals_plain_network(dim, patch, strides, dtype, grad_off):
-    """nnU-Net predicts without autograd: there the fused and in-place paths run, and give the plain result."""
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_lgmsnet_inference_without_autograd_equals_plain_network(dim, patch, strides, dtype, grad_off, in_channels):
+    """nnU-Net predicts without autograd: there the fused and in-place paths run, and give the plain result. A
+    one-channel image (most CT/MRI, grayscale 2D) is channels-last and contiguous at once, so the network must switch
+    format after its stem."""
     torch.manual_seed(0)
     kernels = [[1, 3, 3]] + [[3, 3, 3]] * 4 if dim == 3 else [[3, 3]] * 5
-    net = LGMSNet.from_plan(patch, strides, kernels, 2, 3, deep_supervision=False).to(dtype)
+    net = LGMSNet.from_plan(patch, strides, kernels, in_channels, 3, deep_supervision=False).to(dtype)
     randomise_norm_statistics(net)
     net.eval()
     ref = plain_copy(net).eval()
-    x = torch.randn(2, 2, *patch, dtype=dtype)
+    x = torch.randn(2, in_channels, *patch, dtype=dtype)
     x_before = x.clone()
     counter = OpCounter()
     with grad_off():
@@ -334,9 +336,11 @@ def test_lgmsnet_inference_without_autograd_equals_plain_network(dim, patch, str
     if dtype == torch.float32 and cpu_inference._onednn_conv_pointwise() is not None:
         # at least every FusionConv conv with its GELU (3 x 3; 2D also fuses the BatchNorm-folded ConvNormActs)
         assert counter.counts["mkldnn::_convolution_pointwise"] >= (20 if dim == 2 else 9)
-        if dim == 2:  # channels-last: FusionConv's 1x1 pairs run blockwise, as GEMMs into the output, and the
-            # decoder's [skip, up] reach them as two parts (one GEMM each) instead of a concatenation
-            assert counter.counts["aten::addmm.out"] >= 2 * 3 and counter.counts["aten::addmm_"] >= 3
+        # channels-last: FusionConv's 1x1 convs run blockwise, as GEMMs into the output (2D: both, folded; 3D: the
+        # expansion, its InstanceNorms in place), and the decoder's [skip, up] reach them as two parts (one GEMM
+        # each) instead of a concatenation
+        assert counter.counts["aten::addmm.out"] >= (2 * 3 if dim == 2 else 3)
+        assert counter.counts["aten::addmm_"] >= 3
     assert counter.counts["aten::gelu_"] >= 3  # the LMS blocks' in-place GELU
 
 
@@ -374,6 +378,33 @@ def test_fusion_conv_on_parts_equals_fusion_conv_on_the_concatenation(channels_l
     assert ("aten::cat" not in counter.counts) == channels_last  # NCHW parts: the plain path on the concatenation
     block.train()
     torch.testing.assert_close(block.forward_parts([skip, up]), block(torch.cat([skip, up], dim=1)))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fusion_conv_3d_instance_norm_on_parts_equals_the_concatenation(channels_last, affine):
+    """LGMSNet-3D's decoder fusion in CPU inference: per-part dense convs, each part normalised with its own
+    channels' statistics, the expansion as one GEMM per part; no concatenation and no InstanceNorm kernel. Compared
+    with the float64 modules on the concatenation."""
+    torch.manual_seed(0)
+    block = FusionConv(nn.Conv3d, 12, 5, nn.InstanceNorm3d, {"eps": 1e-5, "affine": affine})
+    for m in block.modules():
+        if isinstance(m, nn.InstanceNorm3d) and affine:
+            _norm_with_random_affine(m)
+    block.eval()
+    skip, up = torch.randn(2, 6, 5, 9, 11), torch.randn(2, 6, 5, 9, 11) * 3 + 1
+    if channels_last:
+        skip, up = (t.contiguous(memory_format=torch.channels_last_3d) for t in (skip, up))
+    counter = OpCounter()
+    with torch.no_grad():
+        exact = disable_speed_paths(copy.deepcopy(block)).double()(torch.cat([skip, up], dim=1).double())
+        with counter:
+            out = block.forward_parts([skip, up])
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5 * magnitude([exact]))
+    if channels_last:
+        assert "aten::cat" not in counter.counts and "aten::native_batch_norm" not in counter.counts
+    else:  # NCDHW parts: the plain path on the concatenation
+        assert counter.counts["aten::cat"] == 1
 
 
 @pytest.mark.parametrize("plan_kernel", [(3, 3), (1, 3)])
@@ -445,8 +476,15 @@ def test_per_sample_norm_act_declines_where_it_does_not_apply():
         assert cpu_inference.per_sample_norm_act_(x, norm, nn.PReLU(8)) is None  # per-channel slope
         assert cpu_inference.per_sample_norm_act_(x, norm, nn.Tanh()) is None
         assert cpu_inference.per_sample_norm_act_(x[:, :, ::2], norm) is None  # neither layout
+        # a channel slice: only for per-channel statistics, and the affine slice must fit
+        assert cpu_inference.per_sample_norm_act_(x, nn.GroupNorm(4, 16), channels=slice(0, 8)) is None
+        assert cpu_inference.per_sample_norm_act_(x, nn.InstanceNorm3d(16, affine=True), channels=slice(0, 4)) is None
     assert cpu_inference.per_sample_norm_act_(x, norm) is None  # autograd on
     assert torch.equal(x, before)
+    # a PReLU's slope is read as a number only on CPU (on a GPU that read waits for the device)
+    assert cpu_inference.has_in_place_form(nn.PReLU(), x)
+    assert not cpu_inference.has_in_place_form(nn.PReLU(), torch.empty(1, device="meta"))
+    assert not cpu_inference.has_in_place_form(nn.PReLU(8), x)
 
 
 @pytest.mark.parametrize("dim, patch, strides", [

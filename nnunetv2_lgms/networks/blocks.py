@@ -177,12 +177,12 @@ def norm_act_on_fresh(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Ten
         layer = layers[i]
         if can_overwrite_intermediates(x):
             if is_per_sample_norm(layer):
-                act = layers[i + 1] if i + 1 < len(layers) and has_in_place_form(layers[i + 1]) else None
+                act = layers[i + 1] if i + 1 < len(layers) and has_in_place_form(layers[i + 1], x) else None
                 y = per_sample_norm_act_(x, layer, act)
                 if y is not None:
                     x, i = y, i + (1 if act is None else 2)
                     continue
-            elif has_in_place_form(layer):
+            elif has_in_place_form(layer, x):
                 x, i = activation_in_place(layer, x), i + 1
                 continue
         x, i = layer(x), i + 1

@@ -89,11 +89,12 @@ def conv_act_fused(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: O
 IN_PLACE_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 
-def has_in_place_form(act: Optional[nn.Module]) -> bool:
-    """Whether :func:`activation_in_place` takes ``act``: the ``IN_PLACE_ACTIVATIONS`` and a single-parameter PReLU
-    (a leaky ReLU with a learnt slope), or None (no activation)."""
+def has_in_place_form(act: Optional[nn.Module], x: torch.Tensor) -> bool:
+    """Whether :func:`activation_in_place` takes ``act`` on ``x``: None (no activation), the
+    ``IN_PLACE_ACTIVATIONS``, and on CPU a single-parameter PReLU (a leaky ReLU with a learnt slope, read as a Python
+    number: on a GPU that read would wait for the device)."""
     return (act is None or type(act) in IN_PLACE_ACTIVATIONS
-            or (isinstance(act, nn.PReLU) and act.weight.numel() == 1))
+            or (isinstance(act, nn.PReLU) and act.weight.numel() == 1 and x.device.type == "cpu"))
 
 
 def activation_in_place(act: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -183,11 +184,13 @@ def is_per_sample_norm(norm: nn.Module) -> bool:
 
 
 def per_sample_norm_act_(x: torch.Tensor, norm: nn.Module, act: Optional[nn.Module] = None,
-                         block_pixels: int = BLOCK_PIXELS) -> Optional[torch.Tensor]:
+                         block_pixels: int = BLOCK_PIXELS, channels: Optional[slice] = None) -> Optional[torch.Tensor]:
     """``act(norm(x))`` written into ``x`` (B, C, *S), for a norm of :func:`is_per_sample_norm` and an activation of
     :func:`has_in_place_form`; None (``x`` untouched) where the path does not apply: not CPU float32 inference, or
     ``x`` neither contiguous nor channels-last, or FLOPs being counted (its reductions are GEMVs, which
-    ``FlopCounterMode`` would count). The caller must own ``x`` (a fresh intermediate).
+    ``FlopCounterMode`` would count). The caller must own ``x`` (a fresh intermediate). With ``channels``, ``x`` is
+    that slice of the norm's input channels (a norm with per-channel statistics only: InstanceNorm, or GroupNorm with
+    one channel per group).
 
     Why: ``nn.InstanceNorm`` on a channels-last map first copies it to NC(D)HW (GLIMS level 0, 9x24x40x56x40:
     ~210 ms against ~40 ms); on either layout it writes a fresh map, and the activation a second one. Here: the
@@ -196,13 +199,20 @@ def per_sample_norm_act_(x: torch.Tensor, norm: nn.Module, act: Optional[nn.Modu
     place. GroupNorm's group statistics combine its channels' (equal counts): the mean of the means, and the mean of
     the variances plus the variance of the means.
     """
-    affine = [t for t in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if t is not None]
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if channels is not None:
+        weight, bias = (None if t is None else t[channels] for t in (weight, bias))
+    affine = [t for t in (weight, bias) if t is not None]
     if not (_cpu_float32_inference(x, *affine) and not is_counting_flops() and x.ndim in (3, 4, 5)
-            and is_per_sample_norm(norm)
-            and has_in_place_form(act) and (x.is_contiguous() or pixels_dense(x))):
+            and is_per_sample_norm(norm) and has_in_place_form(act, x) and (x.is_contiguous() or pixels_dense(x))
+            and all(t.shape == x.shape[1:2] for t in affine)):
         return None
     b, c = x.shape[:2]
     groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else c
+    if channels is not None:
+        if isinstance(norm, nn.GroupNorm) and norm.num_groups != norm.num_channels:
+            return None  # (its statistics span channels outside the slice)
+        groups = c
     rows = x.movedim(1, -1).reshape(b, -1, c)  # (B, pixels, C): a view in both layouts
     n = rows.shape[1]
     mean = rows.mean(dim=1)
@@ -221,10 +231,10 @@ def per_sample_norm_act_(x: torch.Tensor, norm: nn.Module, act: Optional[nn.Modu
         var64 = var64.expand(-1, -1, c // groups).reshape(b, c)
     scale = torch.rsqrt(var64 + norm.eps)
     shift = -mean64 * scale
-    if getattr(norm, "weight", None) is not None:
-        scale, shift = scale * norm.weight, shift * norm.weight
-    if getattr(norm, "bias", None) is not None:
-        shift = shift + norm.bias
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight
+    if bias is not None:
+        shift = shift + bias
     scale, shift = scale.float(), shift.float()
     for i in range(b):  # block by block, so that scale, shift and activation make one pass over memory
         for start in range(0, n, block_pixels):

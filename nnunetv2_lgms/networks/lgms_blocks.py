@@ -17,7 +17,7 @@ from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch
                                            interpolate_to, norm_act_on_fresh, restrict_kernel, same_padding,
                                            to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused, is_compiling,
-                                                  pixels_dense, pointwise_convs_blockwise)
+                                                  per_sample_norm_act_, pixels_dense, pointwise_convs_blockwise)
 from nnunetv2_lgms.networks.cpu_training import pointwise_pair_blockwise
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
@@ -36,9 +36,9 @@ class LocalMultiscaleBlock(nn.Module):
     format is kept: oneDNN's NCDHW forward of these convs was faster. The math is unchanged; in 3D one conv per
     kernel size stays (a single 9x9x9 conv with zero-padded small kernels was slower; 2D: ``merged_depthwise``).
 
-    Speed (``in_place_inference``): without autograd, the two residual sums and the GELU overwrite the block's own
-    fresh intermediates instead of allocating new maps (on CPU a fresh multi-megabyte map costs page faults: a
-    50 MB map took 14.5 ms to allocate and fill, 3.7 ms to fill when reused). With ``in_place_training_sums`` the
+    Speed (``in_place_inference``): without autograd, the two residual sums, the GroupNorm and the GELU overwrite
+    the block's own fresh intermediates instead of allocating new maps (on CPU a fresh multi-megabyte map costs page
+    faults: a 50 MB map took 14.5 ms to allocate and fill, 3.7 ms to fill when reused; :func:`norm_act_on_fresh`). With ``in_place_training_sums`` the
     two sums are in place in training too (the GELU is not: its backward needs its input); skipped where the dtypes
     differ (autocast), as an in-place sum would keep the lower precision.
 
@@ -259,7 +259,11 @@ class FusionConv(nn.Sequential):
         On the CPU inference path (``blockwise_pointwise``) the concatenation is never formed: the first conv has
         one group per part, so each part gets its own dense conv (oneDNN's dense convs were about twice as fast as
         its 2-group conv on the concatenation), and the next 1x1 conv sums one GEMM per part."""
-        y = self._forward_parts_blockwise(parts) if self._folds() and self.blockwise_pointwise else None
+        y = None
+        if self.blockwise_pointwise and self._folds():
+            y = self._forward_parts_blockwise(parts)
+        elif self.blockwise_pointwise and not self.training:
+            y = self._forward_parts_in_place_norms(parts)
         return self(torch.cat(list(parts), dim=1)) if y is None else y
 
     def _folds(self) -> bool:
@@ -288,6 +292,27 @@ class FusionConv(nn.Sequential):
                 return None
             outputs.append(y)
         return self._pointwise_blockwise(outputs, rest_weights, out_affine)
+
+    def _forward_parts_in_place_norms(self, parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The parts path for InstanceNorm (3D) in CPU inference: a dense conv + GELU per part, each part normalised
+        in place with its channels' statistics, the 4x expansion as one GEMM per part block by block, the rest of
+        the stack with in-place norms (:func:`norm_act_on_fresh`). None (nothing changed) where it does not apply."""
+        (conv, act, norm), expand, reduce = self
+        groups = conv.groups
+        if (len(parts) != groups or any(p.shape[1] != conv.in_channels // groups for p in parts)
+                or not all(pixels_dense(p) for p in parts) or not expand.fuse_activation or not expand.norm_in_place):
+            return None
+        per_group = conv.out_channels // groups
+        outputs = []
+        for g, part in enumerate(parts):
+            rows = slice(g * per_group, (g + 1) * per_group)
+            y = conv_act_fused(conv, part, conv.weight[rows], None if conv.bias is None else conv.bias[rows], act,
+                               groups=1)
+            if y is None or per_sample_norm_act_(y, norm, channels=rows) is None:
+                return None
+            outputs.append(y)
+        y = pointwise_convs_blockwise(outputs, [(expand[0].weight, expand[0].bias, expand[1])])
+        return None if y is None else reduce(norm_act_on_fresh(y, [expand[2]]))
 
     def _folded_weights(self):
         """Per layer its conv's weight and bias with the previous layer's eval-mode BatchNorm folded in; and the last

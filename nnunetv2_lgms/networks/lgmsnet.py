@@ -77,8 +77,10 @@ class LGMSNetEncoder(nn.Module):
                 conv_op, features[level - 1], width, transformer_width(width, transformer_fraction),
                 int(mlp_ratio * width), plan_kernel=kernel_sizes[level], **norm))
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor, channels_last: bool = False) -> List[torch.Tensor]:
         x = self.stem(x)
+        if channels_last:  # (a one-channel input is channels-last and contiguous at once: the stem's output is not)
+            x = to_channels_last(x)
         skips = []
         for pool, stage in zip(self.pools, self.stages):
             x = stage(pool(x))
@@ -169,9 +171,11 @@ class LGMSNet(nn.Module):
     In training, FusionConv's BatchNorm -> 1x1 -> GELU -> BatchNorm -> 1x1 runs as one blockwise autograd function
     that never stores the 4x-wide map (:mod:`nnunetv2_lgms.networks.cpu_training`); in both modes the LMS block's
     four depthwise convs run as one (:class:`LocalMultiscaleBlock`). Gains, paths off against on:
-    results/speed_cpu/speed_paths.md. The 3D network keeps NCDHW (its InstanceNorm and trilinear upsampling copy
-    channels-last inputs); only its LMS depthwise stage switches format in training (see
-    :class:`LocalMultiscaleBlock`). On CUDA the input's format is kept. The math is identical either way (tested
+    results/speed_cpu/speed_paths.md. The 3D network trains in NCDHW (there ``nn.InstanceNorm`` and the trilinear
+    upsampling copy channels-last inputs; only its LMS depthwise stage switches format, see
+    :class:`LocalMultiscaleBlock`) and infers channels-last: its InstanceNorms and the activations after them run in
+    place (:func:`~nnunetv2_lgms.networks.blocks.norm_act_on_fresh`) and FusionConv takes ``[skip, up]`` as parts
+    (:meth:`FusionConv.forward_parts`). On CUDA the input's format is kept. The math is identical either way (tested
     against the plain path).
     """
 
@@ -193,16 +197,16 @@ class LGMSNet(nn.Module):
         if norm_op is None:
             norm_op = batch_norm_for(conv_op) if dim == 2 else instance_norm_for(conv_op)
         self.strides = strides
-        self.cpu_channels_last = dim == 2
+        self.cpu_channels_last = True  # 2D always, 3D in inference without autograd
         self.encoder = LGMSNetEncoder(conv_op, input_channels, features_per_stage, strides, kernel_sizes, norm_op,
                                       norm_op_kwargs, lms_blocks_per_stage, transformer_fraction, mlp_ratio)
         self.decoder = LGMSNetDecoder(conv_op, features_per_stage, kernel_sizes, num_classes, norm_op,
                                       norm_op_kwargs, transformer_fraction, mlp_ratio, deep_supervision)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        if self.cpu_channels_last and x.device.type == "cpu":
-            x = to_channels_last(x)
-        out = self.decoder(self.encoder(x))
+        channels_last = (self.cpu_channels_last and x.device.type == "cpu"
+                         and (x.ndim == 4 or not torch.is_grad_enabled()))
+        out = self.decoder(self.encoder(to_channels_last(x) if channels_last else x, channels_last))
         return [o.contiguous() for o in out] if isinstance(out, list) else out.contiguous()
 
     def num_parameters(self, include_auxiliary_heads: bool = False) -> int:
