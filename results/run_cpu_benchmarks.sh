@@ -53,6 +53,7 @@ nnunetv2_lgms profile -d 604 -c 3d_fullres -tr nnUNetTrainer nnUNetTrainerLGMSNe
 python -m nnunetv2_lgms.benchmark.speed_report --out "$RESULTS/speed_cpu"
 # results/speed_cpu/speed_paths.md and op_profile.md collect these tables (with the date and commit of each run)
 python -m nnunetv2_lgms.benchmark.speed_paths | tee "$WORK/logs/speed_paths.md"
+python -m nnunetv2_lgms.benchmark.speed_paths --presets hippocampus-3d -tr nnUNetTrainerGLIMS | tee -a "$WORK/logs/speed_paths.md"
 for tr in nnUNetTrainerLGMSNet nnUNetTrainer; do
   python "$RESULTS/speed_cpu/op_profile.py" --trainer $tr
 done | tee "$WORK/logs/op_profile.md"
