@@ -242,7 +242,6 @@ class _PointwisePair(torch.autograd.Function):
                 None)
 
 
-
 def scalar_prelu(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
     """``F.prelu(x, weight)`` for a single learnt slope, with a faster backward on CPU; None where it does not
     apply (not CPU, not float32/64, autocast, ``torch.compile``, more than one slope, no autograd).
