@@ -258,6 +258,26 @@ def test_conv_act_fused_equals_conv_then_activation(conv, act, channels_last):
 
 
 @needs_onednn
+def test_narrow_3d_conv_at_batch_1_runs_in_onednn():
+    """nnU-Net predicts 3D at batch 1. PyTorch's dispatch sends a conv with batch x C_in x D x H below 20480 to its
+    slow im2col kernel; ConvNormAct's eval path calls oneDNN directly (no post-op when a norm follows)."""
+    torch.manual_seed(0)
+    block = ConvNormAct(nn.Conv3d, 4, 16, 3, nn.InstanceNorm3d, nn.SiLU, norm_kwargs={"affine": True}).eval()
+    ref = plain_copy(block).eval()
+    x = torch.randn(1, 4, 12, 40, 20)  # 1 x 4 x 12 x 40 = 1920: PyTorch's own dispatch picks slow_conv3d
+    kernels = {}
+    with torch.no_grad():
+        for name, net in (("plain", ref), ("fast", block)):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                kernels[name] = net(x)
+            kernels[name + " ops"] = {e.key for e in prof.key_averages()}
+    torch.testing.assert_close(kernels["fast"], kernels["plain"], rtol=1e-4, atol=1e-4)
+    assert "aten::slow_conv3d_forward" in kernels["plain ops"]
+    assert "aten::slow_conv3d_forward" not in kernels["fast ops"]
+    assert "mkldnn::_convolution_pointwise" in kernels["fast ops"]
+
+
+@needs_onednn
 def test_conv_act_fused_declines_where_it_does_not_apply():
     conv = nn.Conv2d(4, 4, 3, padding=1)
     x = torch.randn(1, 4, 8, 8)

@@ -14,7 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
 from nnunetv2_lgms.networks.cpu_inference import (activation_in_place, can_overwrite_intermediates, conv_act_fused,
-                                                  has_in_place_form, is_compiling, is_per_sample_norm,
+                                                  has_in_place_form, is_compiling, is_per_sample_norm, onednn_post_op,
                                                   per_sample_norm_act_)
 from nnunetv2_lgms.networks.cpu_training import scalar_prelu
 
@@ -154,11 +154,12 @@ def conv_then(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: Option
               layers: Sequence[nn.Module], fuse_activation: bool = True, norm_in_place: bool = True) -> torch.Tensor:
     """``layers(conv(x))`` with ``weight``/``bias`` in place of the conv's own, the first layer fused into the conv
     where :func:`conv_act_fused` can, per-sample norms in place where :func:`norm_act_on_fresh` can."""
-    fused = conv_act_fused(conv, x, weight, bias, layers[0]) if fuse_activation and layers else None
+    act = layers[0] if layers and onednn_post_op(layers[0]) is not None else None
+    fused = conv_act_fused(conv, x, weight, bias, act) if fuse_activation else None
     if fused is None:
         x = conv._conv_forward(x, weight, bias)
     else:
-        x, layers = fused, layers[1:]
+        x, layers = fused, (layers[1:] if act is not None else layers)
     if norm_in_place:
         return norm_act_on_fresh(x, layers)
     for layer in layers:
