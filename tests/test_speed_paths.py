@@ -233,6 +233,20 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def run_fast_and_plain(net, ref, x, grad_off):
+    """``net`` (speed paths on) and ``ref`` (off) on ``x`` without autograd: their outputs and the ops each
+    dispatched. The in-place paths may only overwrite the network's own intermediates: ``x`` comes back untouched."""
+    x_before = x.clone()
+    fast_ops, plain_ops = OpCounter(), OpCounter()
+    with grad_off():
+        with plain_ops:
+            expected = ref(x)
+        with fast_ops:
+            out = net(x)
+    assert torch.equal(x, x_before)
+    return out, expected, fast_ops.counts, plain_ops.counts
+
+
 ACTIVATIONS = [nn.ReLU(), nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.LeakyReLU(0.2)]
 
 
@@ -344,24 +358,18 @@ def test_lgmsnet_inference_without_autograd_equals_plain_network(dim, patch, str
     net.eval()
     ref = plain_copy(net).eval()
     x = torch.randn(2, in_channels, *patch, dtype=dtype)
-    x_before = x.clone()
-    counter = OpCounter()
-    with grad_off():
-        expected = ref(x)
-        with counter:
-            out = net(x)
-    assert torch.equal(x, x_before)  # in-place paths only overwrite the network's own intermediates
+    out, expected, counts, _ = run_fast_and_plain(net, ref, x, grad_off)
     assert out.is_contiguous()
     close(out, expected, magnitude([expected]))
     if dtype == torch.float32 and cpu_inference._onednn_conv_pointwise() is not None:
         # at least every FusionConv conv with its GELU (3 x 3; 2D also fuses the BatchNorm-folded ConvNormActs)
-        assert counter.counts["mkldnn::_convolution_pointwise"] >= (20 if dim == 2 else 9)
+        assert counts["mkldnn::_convolution_pointwise"] >= (20 if dim == 2 else 9)
         # channels-last: FusionConv's 1x1 convs run blockwise, as GEMMs into the output (2D: both, folded; 3D: the
         # expansion, its InstanceNorms in place), and the decoder's [skip, up] reach them as two parts (one GEMM
         # each) instead of a concatenation
-        assert counter.counts["aten::addmm.out"] >= (2 * 3 if dim == 2 else 3)
-        assert counter.counts["aten::addmm_"] >= 3
-    assert counter.counts["aten::gelu_"] >= 3  # the LMS blocks' in-place GELU
+        assert counts["aten::addmm.out"] >= (2 * 3 if dim == 2 else 3)
+        assert counts["aten::addmm_"] >= 3
+    assert counts["aten::gelu_"] >= 3  # the LMS blocks' in-place GELU
 
 
 def test_sparse_transformer_keeps_channels_last():
@@ -522,13 +530,7 @@ def test_glims_inference_without_autograd_equals_plain_network(dim, patch, strid
     net = GLIMS.from_plan(patch, strides, kernels, 2, 3, deep_supervision=True, feature_size=12).to(dtype).eval()
     ref = plain_copy(net).eval()
     x = torch.randn(2, 2, *patch, dtype=dtype)
-    x_before = x.clone()
-    counter = OpCounter()
-    with grad_off():
-        expected = ref(x)
-        with counter:
-            out = net(x)
-    assert torch.equal(x, x_before)
+    out, expected, counts, plain_counts = run_fast_and_plain(net, ref, x, grad_off)
     assert len(out) == len(expected) == 5 and all(o.is_contiguous() for o in out)
     if dtype == torch.float64:
         for o, e in zip(out, expected):
@@ -539,16 +541,9 @@ def test_glims_inference_without_autograd_equals_plain_network(dim, patch, strid
             exact = copy.deepcopy(ref).double()(x.double())
         for o, e in zip(out, exact):
             torch.testing.assert_close(o.double(), e, rtol=0, atol=1e-4 * magnitude([e]))
-        assert counter.counts["aten::native_group_norm"] == 0 and counter.counts["aten::native_batch_norm"] == 0
+        assert counts["aten::native_group_norm"] == 0 and counts["aten::native_batch_norm"] == 0
         # the DACBs' branch concatenations (12 DACBs) and the 4 decoder concatenations are gone
-        assert counter.counts["aten::cat"] < dict(ref_counts(ref, x, grad_off))["aten::cat"] - 12
-
-
-def ref_counts(net, x, grad_off):
-    counter = OpCounter()
-    with grad_off(), counter:
-        net(x)
-    return counter.counts
+        assert counts["aten::cat"] < plain_counts["aten::cat"] - 12
 
 
 def test_glims_training_equals_plain_network():
