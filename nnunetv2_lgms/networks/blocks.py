@@ -13,9 +13,10 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-from nnunetv2_lgms.networks.cpu_inference import (activation_in_place, can_overwrite_intermediates, conv_act_fused,
-                                                  has_in_place_form, is_compiling, is_per_sample_norm, onednn_post_op,
-                                                  per_sample_norm_act_)
+from nnunetv2_lgms.networks.cpu_inference import (IN_PLACE_ACTIVATIONS, activation_in_place,
+                                                  can_overwrite_intermediates, conv_act_fused, has_in_place_form,
+                                                  is_compiling, is_per_sample_norm, onednn_post_op,
+                                                  per_sample_norm_act_, pointwise_convs_blockwise)
 from nnunetv2_lgms.networks.cpu_training import scalar_prelu
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -148,6 +149,21 @@ class ConvNormAct(nn.Sequential):
         elif self.norm_follows_conv and not (self.norm_in_place and is_per_sample_norm(rest[0])):
             return super().forward(x)
         return conv_then(conv, x, weight, bias, rest, self.fuse_activation, self.norm_in_place)
+
+    def forward_on_parts(self, parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``self(torch.cat(parts, dim=1))`` for a 1x1 conv with a per-sample norm, without forming the
+        concatenation: the conv is one GEMM per part, block by block, with an activation right after it applied per
+        block (:func:`~nnunetv2_lgms.networks.cpu_inference.pointwise_convs_blockwise`); the norm and what follows
+        run in place (:func:`norm_act_on_fresh`). None where that path does not apply (training, paths switched
+        off, a conv that is not a plain 1x1, a foldable BatchNorm, parts not channels-last, not CPU float32
+        inference)."""
+        conv, rest = self[0], list(self)[1:]
+        if (self.training or not (self.fuse_activation and self.norm_in_place) or conv.groups != 1
+                or conv.weight.shape[2:].numel() != 1 or not any(is_per_sample_norm(m) for m in rest)):
+            return None
+        act = rest[0] if rest and type(rest[0]) in IN_PLACE_ACTIVATIONS else nn.Identity()
+        y = pointwise_convs_blockwise(parts, [(conv.weight, conv.bias, act)])
+        return None if y is None else norm_act_on_fresh(y, rest[1:] if rest and rest[0] is act else rest)
 
 
 def conv_then(conv: _ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -18,7 +18,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from nnunetv2_lgms.flops import is_counting_flops
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, ScalarPReLU, as_tuple, instance_norm_for, norm_act_on_fresh,
                                            restrict_kernel, same_padding, to_channels_last)
-from nnunetv2_lgms.networks.cpu_inference import can_overwrite_intermediates, pointwise_convs_blockwise
+from nnunetv2_lgms.networks.cpu_inference import can_overwrite_intermediates
 
 
 def conv_in_prelu(conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size=1) -> ConvNormAct:
@@ -30,17 +30,6 @@ def conv_in_prelu(conv_op: Type[_ConvNd], in_channels: int, out_channels: int, k
 def cpu_inference_path(x: torch.Tensor) -> bool:
     """Whether GLIMS's CPU inference paths apply: CPU, no autograd, not traced, FLOPs not being counted."""
     return x.device.type == "cpu" and can_overwrite_intermediates(x) and not is_counting_flops()
-
-
-def pointwise_conv_norm_act_on_parts(layer: ConvNormAct, parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``layer(torch.cat(parts, dim=1))`` for a 1x1 conv-norm-act, without forming the concatenation: the conv is
-    one GEMM per part, block by block (:func:`pointwise_convs_blockwise`), the norm and activation run in place.
-    None where that path does not apply (parts not channels-last, not CPU float32 inference)."""
-    conv = layer[0]
-    if conv.weight.shape[2:].numel() != 1 or conv.groups != 1 or not layer.norm_follows_conv:
-        return None
-    y = pointwise_convs_blockwise(parts, [(conv.weight, conv.bias, nn.Identity())])
-    return None if y is None else norm_act_on_fresh(y, list(layer)[1:])
 
 
 class StridedConvINPReLU(nn.Sequential):
@@ -150,7 +139,7 @@ class DACB(nn.Module):
         branches = [norm_act_on_fresh(conv(x), [norm, act])
                     for conv, norm, act in zip(self.dilated_convs, self.dilated_norms, self.dilated_acts)]
         first, second = self.compress
-        y = pointwise_conv_norm_act_on_parts(first, branches)
+        y = first.forward_on_parts(branches)
         y = second(first(torch.cat(branches, dim=1)) if y is None else y)
         if y.dtype != x.dtype or y.stride() != x.stride():  # (float64, or a layout the GEMMs did not give)
             return self.act(self.norm(y + x))
@@ -231,5 +220,5 @@ class DMSU(nn.Module):
         up = self.up(x)
         fused = None
         if self.fuse.norm_in_place and cpu_inference_path(up):  # no [up, skip] concatenation
-            fused = pointwise_conv_norm_act_on_parts(self.fuse, [up, to_channels_last(skip)])
+            fused = self.fuse.forward_on_parts([up, to_channels_last(skip)])
         return self.blocks(self.fuse(torch.cat([up, skip], dim=1)) if fused is None else fused)

@@ -38,8 +38,8 @@ class LocalMultiscaleBlock(nn.Module):
 
     Speed (``in_place_inference``): without autograd, the two residual sums, the GroupNorm and the GELU overwrite
     the block's own fresh intermediates instead of allocating new maps (on CPU a fresh multi-megabyte map costs page
-    faults: a 50 MB map took 14.5 ms to allocate and fill, 3.7 ms to fill when reused; :func:`norm_act_on_fresh`). With ``in_place_training_sums`` the
-    two sums are in place in training too (the GELU is not: its backward needs its input); skipped where the dtypes
+    faults: a 50 MB map took 14.5 ms to allocate and fill, 3.7 ms to fill when reused; :func:`norm_act_on_fresh`).
+    With ``in_place_training_sums`` the two sums are in place in training too (the GELU is not: its backward needs its input); skipped where the dtypes
     differ (autocast), as an in-place sum would keep the lower precision.
 
     Speed (``merged_depthwise``): on CPU in 2D, the four depthwise convs run as one depthwise conv over all channels,
@@ -89,7 +89,7 @@ class LocalMultiscaleBlock(nn.Module):
             multiscale = torch.cat([conv(part) for conv, part in zip(self.depthwise, parts)], dim=1)
         multiscale = in_memory_format_of(multiscale, x)
         if self.in_place_inference and can_overwrite_intermediates(x):
-            # the sums and the GELU overwrite tensors this block has just created (no new full-size maps)
+            # the sums, the norm and the GELU overwrite tensors this block has just created (no new full-size maps)
             y = norm_act_on_fresh(multiscale.add_(x), [self.norm, self.act])
             return self.expand(self.reduce(y)).add_(x)
         if self.in_place_training_sums and multiscale.dtype == x.dtype:
@@ -295,12 +295,13 @@ class FusionConv(nn.Sequential):
 
     def _forward_parts_in_place_norms(self, parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         """The parts path for InstanceNorm (3D) in CPU inference: a dense conv + GELU per part, each part normalised
-        in place with its channels' statistics, the 4x expansion as one GEMM per part block by block, the rest of
-        the stack with in-place norms (:func:`norm_act_on_fresh`). None (nothing changed) where it does not apply."""
+        in place with its channels' statistics, the 4x expansion as one GEMM per part block by block
+        (:meth:`ConvNormAct.forward_on_parts`), the rest of the stack with in-place norms. None (no state changed)
+        where it does not apply."""
         (conv, act, norm), expand, reduce = self
         groups = conv.groups
         if (len(parts) != groups or any(p.shape[1] != conv.in_channels // groups for p in parts)
-                or not all(pixels_dense(p) for p in parts) or not expand.fuse_activation or not expand.norm_in_place):
+                or not all(pixels_dense(p) for p in parts)):  # checked before any work
             return None
         per_group = conv.out_channels // groups
         outputs = []
@@ -311,8 +312,8 @@ class FusionConv(nn.Sequential):
             if y is None or per_sample_norm_act_(y, norm, channels=rows) is None:
                 return None
             outputs.append(y)
-        y = pointwise_convs_blockwise(outputs, [(expand[0].weight, expand[0].bias, expand[1])])
-        return None if y is None else reduce(norm_act_on_fresh(y, [expand[2]]))
+        y = expand.forward_on_parts(outputs)
+        return None if y is None else reduce(y)
 
     def _folded_weights(self):
         """Per layer its conv's weight and bias with the previous layer's eval-mode BatchNorm folded in; and the last
