@@ -22,7 +22,7 @@ def close(a, b, scale, msg=None):
 
 
 def magnitude(t: torch.Tensor) -> float:
-    return float(t.abs().max()) or 1.0
+    return float(t.detach().abs().max()) or 1.0
 
 
 def make_layers(dim, c_in, c_mid, c_out, dtype, momentum=0.1, track=True):
@@ -195,3 +195,141 @@ def test_scalar_prelu_declines_where_it_does_not_apply():
         assert cpu_training.scalar_prelu(x, w) is None  # inference: the in-place paths handle it
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_training.scalar_prelu(x, w) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dim,kernel,padding,dilation,bias", [
+    (3, (9, 9, 9), (4, 4, 4), (1, 1, 1), True),    # LGMSNet-3D's LMS kernels, 'same'
+    (3, (3, 1, 3), (1, 0, 1), (1, 1, 1), True),    # a plan kernel of 1 on one axis
+    (3, (3, 3, 3), (0, 0, 0), (1, 1, 1), True),    # 'valid': GLIMS's dilated convs on their sub-grids
+    (3, (3, 3, 3), (2, 2, 2), (2, 2, 2), False),   # dilated, 'same'
+    (2, (5, 3), (1, 1), (1, 2), True),             # uneven padding per axis, below 'same'
+])
+def test_depthwise_conv_equals_the_conv_forward_and_backward(dtype, channels_last, dim, kernel, padding, dilation,
+                                                             bias):
+    """Stride-1 depthwise convs with the input gradient computed as a forward conv with the flipped kernel: values
+    and all three gradients of ``F.conv2d/conv3d`` (odd sizes, so the flipped padding is checked on every axis)."""
+    torch.manual_seed(0)
+    conv = (nn.Conv2d if dim == 2 else nn.Conv3d)(4, 4, kernel, padding=padding, dilation=dilation, groups=4,
+                                                  bias=bias).to(dtype)
+    x = torch.randn((2, 4, 11, 8, 9)[:dim + 2], dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if dim == 2 else torch.channels_last_3d)
+    results = []
+    for fast in (True, False):
+        xi = x.clone().requires_grad_(True)
+        conv.zero_grad()
+        y = cpu_training.depthwise_conv_module(conv, xi) if fast else conv(xi)
+        assert y is not None
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
+        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in conv.parameters()])
+    for a, b in zip(*results):
+        close(a, b, magnitude(b))
+    assert len(results[0]) == (4 if bias else 3)
+
+
+def test_depthwise_conv_declines_where_it_does_not_apply():
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    assert cpu_training.depthwise_conv_module(depthwise, x) is not None
+    assert cpu_training.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding=1, groups=2), x) is None  # not depthwise
+    assert cpu_training.depthwise_conv_module(nn.Conv2d(4, 4, 3, stride=2, groups=4), x) is None
+    assert cpu_training.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding="same", groups=4), x) is None
+    assert cpu_training.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
+                                              x) is None
+    assert cpu_training.depthwise_conv(x, depthwise.weight, None, (3, 3), (1, 1)) is None  # padding > k - 1
+    with torch.no_grad():
+        assert cpu_training.depthwise_conv_module(depthwise, x) is None  # inference: the plain conv is as fast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_training.depthwise_conv_module(depthwise, x) is None
+
+
+def test_lms_3d_and_dacb_train_through_the_fast_depthwise_backward(monkeypatch):
+    """LGMSNet-3D's LMS block and GLIMS's DACB (dilated convs on sub-grids included) route every depthwise conv
+    through it when training on CPU; the network-level equality with the plain path is in test_speed_paths.py."""
+    from nnunetv2_lgms.networks import glims_blocks
+    from nnunetv2_lgms.networks.glims_blocks import DACB
+    calls = []
+    real = cpu_training._DepthwiseConv.apply
+    monkeypatch.setattr(cpu_training._DepthwiseConv, "apply", lambda *a: calls.append(a[1].shape) or real(*a))
+    x = torch.randn(2, 8, 6, 7, 6, requires_grad=True)
+    lgms_blocks.LocalMultiscaleBlock(nn.Conv3d, 8, nn.InstanceNorm3d)(x).sum().backward()
+    assert [tuple(s[2:]) for s in calls] == [(3, 3, 3), (5, 5, 5), (7, 7, 7), (9, 9, 9)]
+    calls.clear()
+    DACB(nn.Conv3d, 8, 16)(x).sum().backward()
+    assert len(calls) == 3 and glims_blocks.DACB.fast_depthwise_backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,groups,affine", [
+    ((2, 6, 5, 7, 9), 6, True),     # InstanceNorm with affine (nnU-Net's 3D norm)
+    ((3, 6, 5, 7, 9), 6, False),    # GLIMS's InstanceNorm (affine=False)
+    ((2, 8, 11, 13), 2, True),      # a GroupNorm with 4 channels per group, 2D
+    ((2, 4, 300, 150), 4, True),    # more pixels than one block: the blockwise sums across blocks
+])
+def test_group_norm_channels_last_equals_group_norm(dtype, shape, groups, affine):
+    """Values and all gradients of ``F.group_norm`` (``groups = C``: ``F.instance_norm``), output channels-last,
+    and float32 precise where PyTorch's own channels-last GroupNorm is not (channel mean large against its spread)."""
+    torch.manual_seed(0)
+    c = shape[1]
+    fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    x = (torch.randn(shape, dtype=dtype) * torch.rand(1, c, *[1] * (len(shape) - 2), dtype=dtype) * 3
+         + torch.randn(1, c, *[1] * (len(shape) - 2), dtype=dtype) * 4)
+    weight = (torch.rand(c, dtype=dtype) + 0.5) if affine else None
+    bias = torch.randn(c, dtype=dtype) if affine else None
+    grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+    results = []
+    for fast in (True, False):
+        xi = x.contiguous(memory_format=fmt) if fast else x.double()
+        xi.requires_grad_(True)
+        params = [None if t is None else t.clone().to(xi.dtype).requires_grad_(True) for t in (weight, bias)]
+        y = cpu_training.group_norm_channels_last(xi, groups, *params, 1e-5) if fast else two_pass_group_norm(
+            xi, groups, *params, 1e-5)
+        y.backward(grad.to(y.dtype))
+        if fast:
+            assert y.is_contiguous(memory_format=fmt)
+        results.append([y.detach(), xi.grad] + [p.grad for p in params if p is not None])
+    for a, b in zip(*results):
+        close(a, b.to(a.dtype), magnitude(b))
+    offset = x.contiguous(memory_format=fmt) * 0.01 + 100
+    precise = cpu_training.group_norm_channels_last(offset, groups, weight, bias, 1e-5)
+    reference = two_pass_group_norm(offset.double(), groups, *[None if t is None else t.double()
+                                                               for t in (weight, bias)], 1e-5)
+    close(precise, reference.to(precise.dtype), magnitude(reference))
+
+
+def two_pass_group_norm(x, groups, weight, bias, eps):
+    """GroupNorm written out (two-pass variance), differentiable: the float64 reference."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    y = (centred / (centred.square().mean(-1, keepdim=True) + eps).sqrt()).reshape(x.shape)
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    y = y if weight is None else y * weight.view(view)
+    return y if bias is None else y + bias.view(view)
+
+
+def test_group_norm_channels_last_declines_where_it_does_not_apply():
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert cpu_training.group_norm_channels_last(x, 4, None, None, 1e-5) is not None
+    assert cpu_training.group_norm_channels_last(x, 3, None, None, 1e-5) is None  # 4 channels in 3 groups
+    assert cpu_training.group_norm_channels_last(x.half(), 4, None, None, 1e-5) is None
+    assert cpu_training.group_norm_channels_last(x[:, :, :, ::2], 4, None, None, 1e-5) is None  # not dense
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_training.group_norm_channels_last(x, 4, None, None, 1e-5) is None
+
+
+def test_layout_keeping_instance_norm_keeps_channels_last_and_the_state_dict():
+    from nnunetv2_lgms.networks.blocks import LayoutKeepingInstanceNorm3d, layout_keeping
+    from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+    assert layout_keeping(nn.InstanceNorm3d) is LayoutKeepingInstanceNorm3d
+    assert layout_keeping(nn.BatchNorm3d) is nn.BatchNorm3d
+    net = LGMSNet(1, 2, nn.Conv3d, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True})
+    assert isinstance(net.encoder.stem[1], LayoutKeepingInstanceNorm3d)  # nnU-Net's plan gives nn.InstanceNorm3d
+    x = torch.randn(2, 6, 5, 7, 4).contiguous(memory_format=torch.channels_last_3d)
+    ours, stock = LayoutKeepingInstanceNorm3d(6, affine=True), nn.InstanceNorm3d(6, affine=True)
+    assert ours.state_dict().keys() == stock.state_dict().keys()
+    y = ours(x)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y, stock(x.contiguous()), rtol=1e-5, atol=1e-5)
+    assert not stock(x).is_contiguous(memory_format=torch.channels_last_3d)  # why it exists

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nnunetv2_lgms.benchmark.tables import markdown_table
-from nnunetv2_lgms.networks.blocks import ConvNormAct, ScalarPReLU
+from nnunetv2_lgms.networks.blocks import ConvNormAct, LayoutKeepingInstanceNorm, ScalarPReLU
 from nnunetv2_lgms.networks.glims_blocks import DACB, StridedConvINPReLU
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
@@ -42,14 +42,18 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.in_place_inference = False
             m.in_place_training_sums = False
             m.merged_depthwise = False
+            m.fast_depthwise_backward = False
         if isinstance(m, LGMSNet):
             m.cpu_channels_last = False
         if isinstance(m, DACB):
             m.fast_inference = False
+            m.fast_depthwise_backward = False
         if isinstance(m, StridedConvINPReLU):
             m.norm_in_place = False
         if isinstance(m, ScalarPReLU):
             m.fast_backward = False
+        if isinstance(m, LayoutKeepingInstanceNorm):
+            m.keep_channels_last = False
     return net
 
 

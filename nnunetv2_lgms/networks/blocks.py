@@ -17,7 +17,7 @@ from nnunetv2_lgms.networks.cpu_inference import (IN_PLACE_ACTIVATIONS, activati
                                                   can_overwrite_intermediates, conv_act_fused, has_in_place_form,
                                                   is_compiling, is_per_sample_norm, onednn_post_op,
                                                   per_sample_norm_act_, pointwise_convs_blockwise)
-from nnunetv2_lgms.networks.cpu_training import scalar_prelu
+from nnunetv2_lgms.networks.cpu_training import group_norm_channels_last, scalar_prelu
 
 IntOrSeq = Union[int, Sequence[int]]
 T = TypeVar("T")
@@ -50,6 +50,37 @@ def batch_norm_for(conv_op: Type[_ConvNd]) -> Type[nn.Module]:
 
 def instance_norm_for(conv_op: Type[_ConvNd]) -> Type[nn.Module]:
     return {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[convert_conv_op_to_dim(conv_op)]
+
+
+class LayoutKeepingInstanceNorm:
+    """Mixin for ``nn.InstanceNorm2d/3d``: on a channels-last CPU map, without running statistics, the norm keeps the
+    map channels-last (:func:`~nnunetv2_lgms.networks.cpu_training.group_norm_channels_last` with one group per
+    channel). ``nn.InstanceNorm`` instead copies a channels-last map to NC(D)HW and returns that layout, so every
+    layer after it leaves channels-last too. Switch: ``keep_channels_last``."""
+
+    keep_channels_last: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        if (self.keep_channels_last and not self.track_running_stats and x.ndim == self._get_no_batch_dim() + 1
+                and is_channels_last(x)):
+            y = group_norm_channels_last(x, x.shape[1], self.weight, self.bias, self.eps)
+        return super().forward(x) if y is None else y
+
+
+class LayoutKeepingInstanceNorm2d(LayoutKeepingInstanceNorm, nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (same parameters and state dict) that keeps a channels-last CPU map channels-last."""
+
+
+class LayoutKeepingInstanceNorm3d(LayoutKeepingInstanceNorm, nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` (same parameters and state dict) that keeps a channels-last CPU map channels-last."""
+
+
+def layout_keeping(norm_op: Type[nn.Module]) -> Type[nn.Module]:
+    """``norm_op`` with ``nn.InstanceNorm2d/3d`` (e.g. from an nnU-Net plan) replaced by their layout-keeping
+    subclasses; any other norm class unchanged."""
+    return {nn.InstanceNorm2d: LayoutKeepingInstanceNorm2d, nn.InstanceNorm3d: LayoutKeepingInstanceNorm3d}.get(
+        norm_op, norm_op)
 
 
 def batch_norm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:

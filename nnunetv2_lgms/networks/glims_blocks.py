@@ -16,9 +16,11 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
 from nnunetv2_lgms.flops import is_counting_flops
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, ScalarPReLU, as_tuple, instance_norm_for, norm_act_on_fresh,
-                                           restrict_kernel, same_padding, to_channels_last)
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, ScalarPReLU, as_tuple, instance_norm_for,
+                                           norm_act_on_fresh, restrict_kernel, same_padding,
+                                           to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import can_overwrite_intermediates
+from nnunetv2_lgms.networks.cpu_training import depthwise_conv, depthwise_conv_module
 
 
 def conv_in_prelu(conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size=1) -> ConvNormAct:
@@ -57,7 +59,7 @@ class StridedConvINPReLU(nn.Sequential):
         return super().forward(x)
 
 
-def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
+def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd, fast_backward: bool = True) -> torch.Tensor:
     """``conv(x)`` for a depthwise 'same'-padded (dilated) conv, computed in a form that is fast on CPU.
 
     oneDNN's CPU kernels for dilated depthwise convs are pathologically slow on contiguous inputs (forward and
@@ -65,14 +67,17 @@ def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
     fast (~0.1 s) but not the backward, so when gradients are needed the conv is computed as an undilated conv on the
     ``d`` interleaved sub-grids of the padded input ("space to batch"; backward ~0.2 s). Same weights, same result
     up to float rounding; used only on CPU. Without gradients (inference, FLOP counting) it is the plain conv on a
-    channels-last input, so FLOP counts are those of the dilated conv.
+    channels-last input, so FLOP counts are those of the dilated conv. With gradients and ``fast_backward`` the
+    undilated convs compute their input gradient as a forward conv (:func:`depthwise_conv`).
     """
     b, c, *size = x.shape
     kernel = conv.weight.shape[2:]
     dil = [d if k > 1 else 1 for d, k in zip(conv.dilation, kernel)]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if all(d == 1 for d in dil) or not needs_grad:
-        return conv(to_channels_last(x))
+        x = to_channels_last(x)
+        y = depthwise_conv_module(conv, x) if fast_backward and needs_grad else None
+        return conv(x) if y is None else y
     dims = len(size)
     padded = [-(-(s + 2 * p) // d) * d for s, p, d in zip(size, conv.padding, dil)]
     pads = [(p, t - s - p) for s, p, t in zip(size, conv.padding, padded)]
@@ -80,8 +85,10 @@ def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd) -> torch.Tensor:
     n = [t // d for t, d in zip(padded, dil)]
     x = x.view(b, c, *[v for pair in zip(n, dil) for v in pair])  # B, C, n0, d0, n1, d1, ...
     x = x.permute(0, *range(3, 2 * dims + 2, 2), 1, *range(2, 2 * dims + 2, 2)).reshape(-1, c, *n)
-    conv_fn = F.conv2d if dims == 2 else F.conv3d
-    y = conv_fn(to_channels_last(x), conv.weight, conv.bias, groups=conv.groups)
+    x = to_channels_last(x)
+    y = depthwise_conv(x, conv.weight, conv.bias, [0] * dims, [1] * dims) if fast_backward else None
+    if y is None:
+        y = (F.conv2d if dims == 2 else F.conv3d)(x, conv.weight, conv.bias, groups=conv.groups)
     m = list(y.shape[2:])  # n - (k - 1) per axis
     y = y.view(b, *dil, c, *m).permute(0, dims + 1, *[v for i in range(dims) for v in (dims + 2 + i, 1 + i)])
     y = y.reshape(b, c, *[a * d for a, d in zip(m, dil)])
@@ -102,9 +109,13 @@ class DACB(nn.Module):
     map it normalises (:func:`norm_act_on_fresh`; ``nn.InstanceNorm`` first copies a channels-last map to NCDHW),
     the 3C-wide concatenation is never formed (the first 1x1 conv sums one GEMM per branch) and the residual sum is
     in place.
+
+    Speed (``fast_depthwise_backward``): in CPU training the depthwise convs compute their input gradient as a
+    forward conv (:func:`depthwise_conv_cpu`).
     """
 
     fast_inference: bool = True
+    fast_depthwise_backward: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, emb_dim: int,
                  plan_kernel: Optional[Sequence[int]] = None, dilations: Sequence[int] = (1, 2, 3)):
@@ -129,7 +140,7 @@ class DACB(nn.Module):
         if self.fast_inference and cpu_inference_path(x):
             return self._forward_cpu_inference(x)
         cpu = x.device.type == "cpu"
-        branches = [act(norm(depthwise_conv_cpu(x, conv) if cpu else conv(x)))
+        branches = [act(norm(depthwise_conv_cpu(x, conv, self.fast_depthwise_backward) if cpu else conv(x)))
                     for conv, norm, act in zip(self.dilated_convs, self.dilated_norms, self.dilated_acts)]
         y = self.compress(torch.cat(branches, dim=1))
         return self.act(self.norm(y + x))
