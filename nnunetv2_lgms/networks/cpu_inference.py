@@ -187,6 +187,21 @@ def is_per_sample_norm(norm: nn.Module) -> bool:
     return isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
 
 
+def per_group_mean(per_channel: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, C) -> (B, C): each channel gets the mean over its group's channels."""
+    b, c = per_channel.shape
+    return per_channel.view(b, groups, c // groups).mean(2, keepdim=True).expand(b, groups, c // groups).reshape(b, c)
+
+
+def group_moments(mean: torch.Tensor, var: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel means and variances (B, C) -> those of each channel's group, per channel. Equal counts: the mean
+    of the means, and the mean of the variances plus the variance of the means."""
+    if groups == mean.shape[1]:
+        return mean, var
+    group_mean = per_group_mean(mean, groups)
+    return group_mean, per_group_mean(var + (mean - group_mean).square(), groups)
+
+
 def per_sample_norm_act_(x: torch.Tensor, norm: nn.Module, act: Optional[nn.Module] = None,
                          block_pixels: int = BLOCK_PIXELS, channels: Optional[slice] = None) -> Optional[torch.Tensor]:
     """``act(norm(x))`` written into ``x`` (B, C, *S), for a norm of :func:`is_per_sample_norm` and an activation of
@@ -226,13 +241,7 @@ def per_sample_norm_act_(x: torch.Tensor, norm: nn.Module, act: Optional[nn.Modu
         for start in range(0, n, block_pixels):
             dev = rows[i, start:start + block_pixels] - mean[i]
             squares[i] += ones[:dev.shape[0]] @ dev.mul_(dev)
-    mean64, var64 = mean.double(), squares / n
-    if groups != c:
-        mean64, var64 = mean64.view(b, groups, -1), var64.view(b, groups, -1)
-        group_mean = mean64.mean(dim=2, keepdim=True)
-        var64 = (var64.mean(dim=2, keepdim=True) + (mean64 - group_mean).square().mean(dim=2, keepdim=True))
-        mean64 = group_mean.expand(-1, -1, c // groups).reshape(b, c)
-        var64 = var64.expand(-1, -1, c // groups).reshape(b, c)
+    mean64, var64 = group_moments(mean.double(), squares / n, groups)
     scale = torch.rsqrt(var64 + norm.eps)
     shift = -mean64 * scale
     if weight is not None:

@@ -44,7 +44,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from nnunetv2_lgms.flops import is_counting_flops
-from nnunetv2_lgms.networks.cpu_inference import BLOCK_PIXELS, is_compiling, pixels_dense
+from nnunetv2_lgms.networks.cpu_inference import (BLOCK_PIXELS, group_moments, is_compiling, per_group_mean,
+                                                  pixels_dense)
 
 
 def pointwise_pair_blockwise(x: torch.Tensor, first: _ConvNd, act: nn.Module, norm: nn.Module, second: _ConvNd,
@@ -115,7 +116,7 @@ class _Blocks:
         return self
 
     def ranges(self):
-        return ((start, min(start + self.block, self.n)) for start in range(0, self.n, self.block))
+        return _ranges(self.n, self.block)
 
     def activated(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
         u, a = self.u[:stop - start], self.a[:stop - start]
@@ -363,8 +364,8 @@ def group_norm_channels_last(x: torch.Tensor, groups: int, weight: Optional[torc
       block by block (``a``, ``k1``, ``k2`` per sample and channel).
 
     Forward + backward at LGMSNet-3D's level 0 (9 x C x 40 x 56 x 40, InstanceNorm with affine), against PyTorch's
-    channels-last GroupNorm: 77 against 89 ms (C = 16), 154 against 225 ms (32), 303 against 446 ms (64); the
-    forward alone is slower (32 against 21 ms at C = 16), the backward much faster.
+    channels-last GroupNorm, two runs: 91-100 against 114-125 ms (C = 16), 169-193 against 244-251 ms (32), 333-398
+    against 496-561 ms (64); the forward alone is slower (39-44 against 25 ms at C = 16), the backward much faster.
     """
     if not (x.device.type == "cpu" and x.ndim in (4, 5) and x.dtype in (torch.float32, torch.float64)
             and not is_compiling() and not is_counting_flops() and not torch.is_autocast_enabled("cpu")
@@ -379,15 +380,13 @@ def _channel_block(channels: int) -> int:
     return max(BLOCK_PIXELS, BLOCK_PIXELS * 64 // max(channels, 1))
 
 
+def _ranges(n: int, block: int):
+    return ((start, min(start + block, n)) for start in range(0, n, block))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(B, C, *S) channels-last -> its (B, pixels, C) view (a copy only if ``x`` is not channels-last dense)."""
     return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
-
-
-def _per_group(per_channel: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, C) -> (B, C): each channel gets the mean over its group's channels."""
-    b, c = per_channel.shape
-    return per_channel.view(b, groups, c // groups).mean(2, keepdim=True).expand(b, groups, c // groups).reshape(b, c)
 
 
 class _GroupNormChannelsLast(torch.autograd.Function):
@@ -398,21 +397,10 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         block = _channel_block(c)
         ones = rows.new_ones(min(block, n))
         buffer = rows.new_empty(min(block, n), c)
-        sums = torch.zeros(2, b, c, dtype=torch.float64)
-        shift = rows[:, :block].mean(1)
-        for i in range(b):
-            for start in range(0, n, block):
-                stop = min(start + block, n)
-                dev = torch.sub(rows[i, start:stop], shift[i], out=buffer[:stop - start])
-                sums[0, i] += ones[:stop - start] @ dev
-                sums[1, i] += ones[:stop - start] @ dev.mul_(dev)
-        mean_shifted, mean_square = sums / n  # per channel, about the shift
-        mean64 = mean_shifted + shift.double()
-        var64 = (mean_square - mean_shifted * mean_shifted).clamp_min_(0)
-        if groups != c:  # equal counts: the mean of the means; the mean of the variances plus the means' variance
-            group_mean = _per_group(mean64, groups)
-            var64 = _per_group(var64 + (mean64 - group_mean).square(), groups)
-            mean64 = group_mean
+        moments = [_moments((buffer[:stop - start].copy_(rows[i, start:stop]) for start, stop in _ranges(n, block)),
+                            lambda m: ones[:m.shape[0]] @ m, n) for i in range(b)]
+        mean64, var64 = group_moments(torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments]),
+                                      groups)
         mean, invstd = mean64.to(x.dtype), torch.rsqrt(var64 + eps).to(x.dtype)
         scale = invstd if weight is None else invstd * weight
         out = torch.empty_like(x, memory_format=torch.preserve_format)
@@ -437,8 +425,7 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         sum_dy = torch.zeros(b, c, dtype=torch.float64)
         sum_dy_xhat = torch.zeros(b, c, dtype=torch.float64)
         for i in range(b):
-            for start in range(0, n, block):
-                stop = min(start + block, n)
+            for start, stop in _ranges(n, block):
                 xhat = torch.sub(rows[i, start:stop], mean[i], out=buffer[:stop - start]).mul_(invstd[i])
                 sum_dy[i] += ones[:stop - start] @ dy[i, start:stop]
                 sum_dy_xhat[i] += ones[:stop - start] @ xhat.mul_(dy[i, start:stop])
@@ -448,8 +435,8 @@ class _GroupNormChannelsLast(torch.autograd.Function):
             # with dxhat = w dy: dx = invstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), means over the group
             a = invstd if weight is None else invstd * weight
             w = 1 if weight is None else weight
-            k2 = -invstd * invstd * _per_group(w * sum_dy_xhat, ctx.groups) / n
-            k1 = -invstd * _per_group(w * sum_dy, ctx.groups) / n
+            k2 = -invstd * invstd * per_group_mean(w * sum_dy_xhat, ctx.groups) / n
+            k1 = -invstd * per_group_mean(w * sum_dy, ctx.groups) / n
             grad_x = torch.empty_like(x, memory_format=torch.preserve_format)
             grad_rows = _rows(grad_x)
             for i in range(b):  # a dy + k2 (x - mean) + k1
