@@ -4,6 +4,8 @@
 * :func:`scalar_prelu`: a single-slope PReLU with a faster backward (GLIMS).
 * :func:`depthwise_conv`: a stride-1 depthwise conv whose input gradient runs as a forward conv (LGMSNet-3D's LMS
   block, GLIMS's DACB).
+* :func:`group_norm_channels_last`: GroupNorm/InstanceNorm that keeps a channels-last map channels-last, with
+  float64-accumulated statistics and a blockwise backward (LGMSNet-3D's InstanceNorms).
 
 ``pointwise_pair_blockwise``: ``[BatchNorm ->] conv1x1 -> GELU -> BatchNorm -> conv1x1`` computed block by block over
 the pixels, with the wide middle map never stored and the BatchNorms folded into the 1x1 convs.

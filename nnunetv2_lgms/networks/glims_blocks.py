@@ -16,9 +16,8 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
 from nnunetv2_lgms.flops import is_counting_flops
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, ScalarPReLU, as_tuple, instance_norm_for,
-                                           norm_act_on_fresh, restrict_kernel, same_padding,
-                                           to_channels_last)
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, ScalarPReLU, as_tuple, instance_norm_for, norm_act_on_fresh,
+                                           restrict_kernel, same_padding, to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import can_overwrite_intermediates
 from nnunetv2_lgms.networks.cpu_training import depthwise_conv, depthwise_conv_module
 
