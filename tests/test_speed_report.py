@@ -95,3 +95,28 @@ def test_speed_report_keeps_the_plans_finished_before_a_failure(tmp_path, clean_
     assert rc == 1
     assert [s["preset"] for s in json.loads((out / "speed_report.json").read_text())] == ["tiny"]
     assert "## tiny" in (out / "speed_report.md").read_text() and (out / "speed_report.png").is_file()
+
+
+def test_cuda_graph_modes_of_the_profiled_networks(tmp_path, clean_nnunet_env, monkeypatch):
+    """``--cuda-graphs all`` wraps nnU-Net's network in the same graph replay as ours (same weights, same
+    outputs), ``off`` switches ours off, a wrong mode is a clear error."""
+    import torch
+    from nnunetv2_lgms.benchmark.models import ensure_ext_trainer
+    from nnunetv2_lgms.benchmark.profiling import ProfileSettings, _Subject
+    from nnunetv2_lgms.networks.cuda_graphs import GraphedModule
+
+    tiny = PlanPreset("tiny 2D", 979, "2d", {"0": "x"}, {"background": 0, "a": 1}, (999.0, 1.0, 1.0), (1, 32, 32),
+                      40, ".png")
+    monkeypatch.setitem(synthetic_plans.PRESETS, "tiny", tiny)
+    ensure_ext_trainer()
+    ctx = synthetic_plans.plan_preset("tiny", tmp_path)
+    cpu = torch.device("cpu")
+    shipped, wrapped = (_Subject("nnUNetTrainer", ctx, cpu, cuda_graphs=m) for m in ("default", "all"))
+    assert isinstance(wrapped.eval_net, GraphedModule) and not isinstance(shipped.eval_net, GraphedModule)
+    x = torch.randn(1, ctx.num_input_channels, *ctx.patch_size)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.eval_net(x), shipped.eval_net(x), rtol=0, atol=0)
+    assert _Subject("nnUNetTrainerLGMSNet", ctx, cpu, cuda_graphs="off").eval_net.cuda_graph_inference is False
+    assert _Subject("nnUNetTrainerLGMSNet", ctx, cpu).eval_net.cuda_graph_inference is True
+    with pytest.raises(synthetic_plans.BenchmarkError, match="cuda_graphs must be one of default, all, off"):
+        ProfileSettings(cuda_graphs="on")

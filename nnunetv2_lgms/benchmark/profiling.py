@@ -34,9 +34,11 @@ import torch
 
 from nnunetv2_lgms.benchmark.models import BenchmarkError, PlanContext, build_network, find_trainer_class
 from nnunetv2_lgms.networks.blocks import count_parameters, inference_parameters
+from nnunetv2_lgms.networks.cuda_graphs import GraphedInference, GraphedModule
 from nnunetv2_lgms.benchmark.tables import markdown_table, ratio
 
 MB = 1e6
+CUDA_GRAPH_MODES = ("default", "all", "off")
 
 
 @dataclass
@@ -51,12 +53,20 @@ class ProfileSettings:
     memory: bool = True
     compile: bool = False  # torch.compile both networks (as nnU-Net does on CUDA); FLOPs counted on the eager net
     batch: bool = True  # also time the forward and the training step at the plan's batch (off: batch-1 forward only)
+    # CUDA-graph replay of the eval forward (CUDA only): "default" as the networks ship (this package's replay,
+    # nnU-Net's network eager), "all" (nnU-Net's network replayed too, GraphedModule), "off" (every network eager)
+    cuda_graphs: str = "default"
+
+    def __post_init__(self):
+        if self.cuda_graphs not in CUDA_GRAPH_MODES:
+            raise BenchmarkError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {self.cuda_graphs!r}")
 
 
 class _Subject:
     """One trainer's networks, inputs, loss and optimiser."""
 
-    def __init__(self, name: str, ctx: PlanContext, device: torch.device, seed: int = 0):
+    def __init__(self, name: str, ctx: PlanContext, device: torch.device, seed: int = 0,
+                 cuda_graphs: str = "default"):
         self.name = name
         self.cls = find_trainer_class(name)
         torch.manual_seed(seed)
@@ -68,6 +78,10 @@ class _Subject:
                                  f"{ctx.configuration}: {type(e).__name__}: {e}") from e
         # the predictor loads the training checkpoint into the deep-supervision-off network
         self.eval_net.load_state_dict(self.train_net.state_dict())
+        if cuda_graphs == "off" and isinstance(self.eval_net, GraphedInference):
+            self.eval_net.cuda_graph_inference = False
+        elif cuda_graphs == "all" and not isinstance(self.eval_net, GraphedInference):
+            self.eval_net = GraphedModule(self.eval_net)
         self.eval_net.eval()
         self.params = count_parameters(self.train_net)
         self.params_inference = inference_parameters(self.eval_net)
@@ -247,7 +261,7 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
     subjects = []
     for name in trainers:
         log(f"building {name} ...")
-        subjects.append(_Subject(name, ctx, device))
+        subjects.append(_Subject(name, ctx, device, cuda_graphs=settings.cuda_graphs))
     flops = {}
     for s in subjects:
         flops[s.name] = count_flops(s.eval_net, (1, c_in, *patch), device=settings.device)
@@ -331,6 +345,7 @@ def profile_trainers(ctx: PlanContext, trainers: Sequence[str], settings: Profil
                  "patch_size": list(patch), "batch_size": batch, "input_channels": c_in,
                  "output_channels": ctx.num_output_channels, "repeats": settings.repeats, "warmup": settings.warmup,
                  "compiled": settings.compile,
+                 "cuda_graphs": settings.cuda_graphs if device.type == "cuda" else None,
                  "cudnn_benchmark": device.type == "cuda",
                  "peak_memory_method": memory_method(device) if settings.memory and settings.batch else None,
                  "sliding_window_case": case_id, "sliding_window_case_shape": case_shape,
@@ -390,6 +405,12 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _fmt_graphs(mode: Optional[str]) -> str:
+    return {None: "", "default": ", CUDA graphs as shipped (this package's networks replay their eval forward; "
+                                 "nnU-Net's network eager)",
+            "all": ", CUDA graphs for every network's eval forward", "off": ", no CUDA graphs"}[mode]
+
+
 def _fmt_malloc(settings: Optional[dict]) -> str:
     return ", " + " ".join(f"{k}={v}" for k, v in settings.items()) if settings else ""
 
@@ -406,6 +427,7 @@ def render_markdown(rows: List[dict]) -> str:
              f"batch {m['batch_size']}, {m['input_channels']} in / {m['output_channels']} out",
              f"device {m['device']} ({m['device_name']}), torch {m['torch_version']}, {m['torch_threads']} threads, "
              f"AMP {'on' if m['amp'] else 'off'}, torch.compile {'on' if m.get('compiled') else 'off'}"
+             f"{_fmt_graphs(m.get('cuda_graphs'))}"
              f"{_fmt_malloc(m.get('malloc_env'))}; "
              f"median of {m['repeats']} interleaved repetitions after {m['warmup']} warm-up"]
     if m.get("sliding_window_case"):

@@ -8,6 +8,7 @@ FLOPs promise, below it faster)::
     python -m nnunetv2_lgms.benchmark.speed_report --out results/speed_cpu
     python -m nnunetv2_lgms.benchmark.speed_report --device cuda --out results/speed_gpu            # AMP on
     python -m nnunetv2_lgms.benchmark.speed_report --device cuda --compile --out results/speed_gpu_compiled
+    python -m nnunetv2_lgms.benchmark.speed_report --device cuda --cuda-graphs all --out DIR  # nnU-Net's too
 """
 from __future__ import annotations
 
@@ -116,6 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cuda-graphs", default="default", choices=["default", "all", "off"],
+                        help="CUDA only: replay of the eval forward from CUDA graphs as shipped (default: this "
+                             "package's networks, not nnU-Net's), for every network (all), or for none (off)")
     parser.add_argument("--batch-1-only", action="store_true",
                         help="time only the batch-1 forward (plans whose training step does not fit in memory)")
     args = parser.parse_args(argv)
@@ -130,7 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     ensure_ext_trainer()
     settings = ProfileSettings(device=args.device, repeats=args.repeats, warmup=args.warmup, sliding_window=False,
-                               memory=args.device == "cuda", compile=args.compile, batch=not args.batch_1_only)
+                               memory=args.device == "cuda", compile=args.compile, batch=not args.batch_1_only,
+                               cuda_graphs=args.cuda_graphs)
     command = "python -m nnunetv2_lgms.benchmark.speed_report " + " ".join(argv if argv is not None else sys.argv[1:])
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     out = Path(args.out)

@@ -15,6 +15,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unrecorded repetitions first (default: 1)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the networks first, as nnU-Net does when training on CUDA")
+    parser.add_argument("--cuda-graphs", default="default", choices=["default", "all", "off"],
+                        help="CUDA only: replay of the eval forward from CUDA graphs as shipped (default: this "
+                             "package's networks, not nnU-Net's), for every network (all), or for none (off)")
     parser.add_argument("--no-sliding-window", action="store_true", help="skip the sliding-window timing")
     parser.add_argument("--sliding-window-repeats", type=int, default=1,
                         help="repetitions of the sliding-window timing (default: 1)")
@@ -46,7 +49,8 @@ def run(args) -> int:
     settings = ProfileSettings(device=args.device, repeats=args.repeats, warmup=args.warmup,
                                sliding_window=not args.no_sliding_window,
                                sliding_window_repeats=args.sliding_window_repeats, step_size=args.step_size,
-                               case=args.case, memory=not args.no_memory, compile=args.compile)
+                               case=args.case, memory=not args.no_memory, compile=args.compile,
+                               cuda_graphs=args.cuda_graphs)
     try:
         ctx = load_plan_context(args.dataset, args.configuration, args.plans)
         rows = profile_trainers(ctx, args.trainers, settings, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -46,6 +46,7 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, convert_dim_to_conv_op
 
 from nnunetv2_lgms.networks.blocks import count_parameters
+from nnunetv2_lgms.networks.cuda_graphs import GraphedInference
 from nnunetv2_lgms.networks.glims_blocks import CSAB, DMSF, DMSU, conv_in_prelu
 from nnunetv2_lgms.networks.swin import PatchExpand, PatchMerging, SwinLayer
 
@@ -207,7 +208,7 @@ class GLIMSDecoder(nn.Module):
         return [self.seg_layers[level](features[4 - level]) for level in range(5)]
 
 
-class GLIMS(nn.Module):
+class GLIMS(GraphedInference, nn.Module):
     """GLIMS for 2D (``conv_op=nn.Conv2d``) or 3D (``nn.Conv3d``).
 
     Args:
@@ -229,6 +230,9 @@ class GLIMS(nn.Module):
             (official). False: every sub-grid once (``PatchMergingV2``-style).
         exact_relative_bias: correct relative-position index for shrunk windows instead of the official ``[:n, :n]``
             slicing (see :mod:`nnunetv2_lgms.networks.swin`).
+
+    On CUDA the eval forward without autograd is replayed from CUDA graphs
+    (:mod:`~nnunetv2_lgms.networks.cuda_graphs`).
 
     Shapes: ``(B, input_channels, *patch_size) -> (B, num_classes, *patch_size)``; at level l the map is
     ``patch_size / prod(strides[:l+1])``.
@@ -263,6 +267,9 @@ class GLIMS(nn.Module):
                                     num_heads, window, deep_supervision, exact_relative_bias)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        return self.maybe_graphed(self._forward, x, extra_key=self.decoder.deep_supervision)
+
+    def _forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         out = self.decoder(*self.encoder(x))
         # contiguous outputs whatever the internal memory format (the CPU inference paths run channels-last)
         return [o.contiguous() for o in out] if isinstance(out, list) else out.contiguous()

@@ -30,6 +30,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_for, count_parameters, instance_norm_for,
                                            layout_keeping, to_channels_last)
+from nnunetv2_lgms.networks.cuda_graphs import GraphedInference
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, GlobalMultiscaleBlock, LocalMultiscaleBlock, UpConv
 
 NUM_LEVELS = 5  # the paper's topology: 4 downsamplings
@@ -146,7 +147,7 @@ def transformer_width(width: int, fraction: float) -> int:
     return int(c_t)
 
 
-class LGMSNet(nn.Module):
+class LGMSNet(GraphedInference, nn.Module):
     """LGMSNet for 2D (``conv_op=nn.Conv2d``) or 3D (``nn.Conv3d``).
 
     Args:
@@ -177,8 +178,9 @@ class LGMSNet(nn.Module):
     the activations after them run in place (:func:`~nnunetv2_lgms.networks.blocks.norm_act_on_fresh`) and
     FusionConv takes ``[skip, up]`` as parts (:meth:`FusionConv.forward_parts`). The 3D training step on the
     Hippocampus plan was 1.23x faster channels-last than in NCDHW (medians of three interleaved steps, 2 cores).
-    On CUDA the input's format is kept. The math is identical either way (tested
-    against the plain path).
+    On CUDA the input's format is kept, and the eval forward without autograd is replayed from CUDA graphs
+    (:mod:`~nnunetv2_lgms.networks.cuda_graphs`). The math is identical either way (tested against the plain
+    path).
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: Type[_ConvNd] = nn.Conv2d,
@@ -207,6 +209,9 @@ class LGMSNet(nn.Module):
                                       norm_op_kwargs, transformer_fraction, mlp_ratio, deep_supervision)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        return self.maybe_graphed(self._forward, x, extra_key=self.decoder.deep_supervision)
+
+    def _forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         channels_last = self.cpu_channels_last and x.device.type == "cpu"
         out = self.decoder(self.encoder(to_channels_last(x) if channels_last else x, channels_last))
         return [o.contiguous() for o in out] if isinstance(out, list) else out.contiguous()

@@ -1,0 +1,266 @@
+"""CUDA-graph inference (nnunetv2_lgms.networks.cuda_graphs).
+
+The cache's logic (when to warm up, capture, replay, invalidate, fall back) runs here on CPU with a stand-in for
+the capture that behaves like a graph: it keeps a static input and output and, on replay, recomputes the output
+from the *current* weights into the same static tensors. The real CUDA graphs are tested in the second half,
+which needs a GPU (skipped without one; run on a lent H100, see results/speed_gpu_h100/README.md)."""
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_lgms.networks.cuda_graphs import ENV_SWITCH, GraphedInference, InferenceGraphs
+from nnunetv2_lgms.networks.glims import GLIMS
+from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+
+CUDA = torch.cuda.is_available()
+
+
+class FakeGraph:
+    """A graph stand-in: static input/output tensors; a replay recomputes into the static output."""
+
+    def __init__(self, forward, x, pool, log):
+        self.forward, self.static_input = forward, x.clone()
+        self.static_output = forward(self.static_input)
+        self.replays = 0
+        log.append(self)
+
+    def __call__(self, x):
+        self.static_input.copy_(x)
+        self.static_output.copy_(self.forward(self.static_input))
+        self.replays += 1
+        return self.static_output.clone()
+
+
+class Net(GraphedInference, nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+        self.calls = 0
+
+    def forward(self, x):
+        return self._inference_graphs()(self, self._forward, x, extra_key=self.norm.training)
+
+    def _forward(self, x):
+        self.calls += 1
+        return self.norm(self.conv(x))
+
+
+def graphed(net, log, max_graphs=4):
+    net.__dict__["_cuda_graphs"] = InferenceGraphs(max_graphs, lambda f, x, pool: FakeGraph(f, x, pool, log))
+    return net
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_warm_up_then_capture_then_replay(net):
+    log = []
+    graphed(net, log)
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        eager = net._forward(x)
+        first = net(x)
+        assert log == []  # the first call of a signature runs eagerly (warm-up)
+        second, third = net(x), net(x)
+    assert len(log) == 1 and log[0].replays == 2  # captured once on the second call, replayed from then on
+    for out in (first, second, third):
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    second.add_(1)  # the caller owns its output (nnU-Net's mirroring adds into it)
+    torch.testing.assert_close(net(x), eager, rtol=0, atol=0)
+
+
+def test_each_input_signature_gets_its_own_graph(net):
+    log = []
+    graphed(net, log)
+    with torch.no_grad():
+        for x in (torch.randn(1, 2, 8, 8), torch.randn(2, 2, 8, 8)):
+            for _ in range(3):
+                torch.testing.assert_close(net(x), net._forward(x), rtol=0, atol=0)
+        net.double()
+        graphed(net, log)
+        x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+        for x in (x, x.contiguous(memory_format=torch.channels_last)):
+            for _ in range(3):
+                torch.testing.assert_close(net(x), net._forward(x), rtol=0, atol=0)
+    assert len(log) == 4  # batch 1, batch 2, float64, and channels-last strides
+
+
+def test_weight_changes_drop_the_graphs(net):
+    log = []
+    graphed(net, log)
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        net(x), net(x)
+        assert len(net._cuda_graphs.graphs) == 1
+        net.conv.weight.mul_(2)  # in place (an optimiser step): same storage, new version
+        calls = net.calls
+        torch.testing.assert_close(net(x), net._forward(x), rtol=0, atol=0)
+        assert net.calls == calls + 2 and not net._cuda_graphs.graphs  # dropped; warm-up again, then capture
+        net(x)
+        assert len(log) == 2
+        net.norm.running_var.fill_(3.0)  # a buffer counts as much as a parameter
+        torch.testing.assert_close(net(x), net._forward(x), rtol=0, atol=0)
+        assert not net._cuda_graphs.graphs
+
+
+def test_load_state_dict_and_to_drop_the_graphs(net):
+    log = []
+    graphed(net, log)
+    x = torch.randn(2, 2, 8, 8)
+    other = Net().eval()
+    with torch.no_grad():
+        net(x), net(x)
+        net.load_state_dict(other.state_dict(), assign=True)  # new parameter objects
+        assert "_cuda_graphs" not in net.__dict__
+        graphed(net, log)
+        net(x), net(x)
+        net.to(torch.float64)
+        assert "_cuda_graphs" not in net.__dict__
+        torch.testing.assert_close(net(x.double()), other.double()._forward(x.double()))
+
+
+def test_training_mode_drops_the_graphs(net):
+    graphed(net, [])
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        net(x), net(x)
+    net.eval()
+    assert net._cuda_graphs.graphs  # eval() keeps them
+    net.train()
+    assert "_cuda_graphs" not in net.__dict__
+
+
+def test_least_recently_used_graph_is_dropped(net):
+    log = []
+    graphed(net, log, max_graphs=2)
+    inputs = [torch.randn(b, 2, 8, 8) for b in (1, 2, 3)]
+    with torch.no_grad():
+        for x in inputs:
+            net(x), net(x)
+        assert [k[0][0] for k in net._cuda_graphs.graphs] == [2, 3]
+
+
+def test_a_failed_capture_warns_once_and_stays_eager(net):
+    attempts = []
+
+    def failing(forward, x, pool):
+        attempts.append(x.shape)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    net.__dict__["_cuda_graphs"] = InferenceGraphs(capture=failing)
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [net(x) for _ in range(4)]
+        net(torch.randn(1, 2, 8, 8)), net(torch.randn(1, 2, 8, 8))
+    assert len(attempts) == 2  # once per signature, never retried
+    assert len([w for w in caught if "CUDA graph capture" in str(w.message)]) == 1
+    for out in outs:
+        torch.testing.assert_close(out, net._forward(x), rtol=0, atol=0)
+
+
+def test_graphs_apply_only_to_cuda_eval_without_autograd(monkeypatch):
+    net = LGMSNet(1, 2).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert not net.graphs_apply(x)  # CPU
+        net(x)
+    assert "_cuda_graphs" not in net.__dict__
+
+
+def test_copies_and_pickles_leave_the_graphs_behind(net):
+    graphed(net, [])
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        net(x), net(x)
+    for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert "_cuda_graphs" not in clone.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(clone._forward(x), net._forward(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- real CUDA graphs
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none)")
+
+
+def _networks():
+    torch.manual_seed(0)
+    return {
+        "lgmsnet-2d": (LGMSNet(3, 2, nn.Conv2d), (2, 3, 64, 64)),
+        "lgmsnet-3d": (LGMSNet(1, 3, nn.Conv3d, strides=[(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)]),
+                       (2, 1, 32, 48, 48)),
+        "glims-3d": (GLIMS(1, 3, nn.Conv3d, patch_size=(64, 64, 64)), (1, 1, 64, 64, 64)),
+    }
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lgmsnet-2d", "lgmsnet-3d", "glims-3d"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_graph_replay_equals_eager_on_cuda(name, amp, monkeypatch):
+    torch.backends.cudnn.benchmark = True
+    net, shape = _networks()[name]
+    net = net.cuda().eval()
+    x = torch.randn(shape, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", enabled=amp):
+        monkeypatch.setenv(ENV_SWITCH, "0")
+        eager = net(x)
+        eager_mirrored = net(x.flip(-1)).flip(-1)
+        monkeypatch.setenv(ENV_SWITCH, "1")
+        outs = [net(x) for _ in range(3)]
+        graphs = net._cuda_graphs.graphs
+        assert len(graphs) == 1 and all(hasattr(g, "graph") for g in graphs.values()), "captured, not eager"
+        # nnU-Net's mirroring: the first output is added into in place while the graph runs again
+        summed = net(x)
+        summed += net(x.flip(-1)).flip(-1)
+    tol = dict(rtol=2e-3, atol=2e-3) if amp else dict(rtol=1e-5, atol=1e-5)
+    for out in outs:
+        torch.testing.assert_close(out, eager, **tol)
+    torch.testing.assert_close(summed, eager + eager_mirrored, **tol)
+
+
+@needs_cuda
+def test_graphs_follow_weight_updates_on_cuda():
+    net, shape = _networks()["lgmsnet-2d"]
+    net = net.cuda()
+    x = torch.randn(shape, device="cuda")
+    optimizer = torch.optim.SGD(net.parameters(), 0.1)
+    for _ in range(2):
+        net.train()
+        out = net(x)
+        out.float().square().mean().backward()
+        optimizer.step()
+        net.eval()
+        with torch.no_grad():
+            for _ in range(3):
+                graphed_out = net(x)
+            net.cuda_graph_inference = False
+            eager = net(x)
+            net.cuda_graph_inference = True
+        torch.testing.assert_close(graphed_out, eager, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lgmsnet-2d", "lgmsnet-3d", "glims-3d"])
+def test_amp_training_step_on_cuda(name):
+    """Forward and backward under autocast with a GradScaler, as nnU-Net trains on CUDA (the CPU-only custom
+    autograd paths must stand aside): finite loss and gradients for every parameter that the loss reaches."""
+    net, shape = _networks()[name]
+    net = net.cuda().train()
+    net.decoder.deep_supervision = True
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(shape, device="cuda")
+    with torch.autocast("cuda"):
+        outs = net(x)
+        loss = sum(o.float().square().mean() for o in outs)
+    scaler.scale(loss).backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
