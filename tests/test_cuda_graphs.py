@@ -3,16 +3,19 @@
 The cache's logic (when to warm up, capture, replay, invalidate, fall back) runs here on CPU with a stand-in for
 the capture that behaves like a graph: it keeps a static input and output and, on replay, recomputes the output
 from the *current* weights into the same static tensors. The real CUDA graphs are tested in the second half,
-which needs a GPU (skipped without one; run on a lent H100, see results/speed_gpu_h100/README.md)."""
+which needs a GPU (skipped without one). An earlier version of this file passed on a lent H100
+(results/speed_gpu_h100/README.md); what came after that run (inference mode in the signature, the registration
+counter, the per-device capture stream, the eval-only statistic change below) has not run on a GPU yet."""
 import copy
 import pickle
+import types
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from nnunetv2_lgms.networks.cuda_graphs import ENV_SWITCH, GraphedInference, InferenceGraphs
+from nnunetv2_lgms.networks.cuda_graphs import ENV_SWITCH, GraphedInference, InferenceGraphs, _CapturedForward
 from nnunetv2_lgms.networks.glims import GLIMS
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
 
@@ -20,19 +23,26 @@ CUDA = torch.cuda.is_available()
 
 
 class FakeGraph:
-    """A graph stand-in: static input/output tensors; a replay recomputes into the static output."""
+    """A graph stand-in for :class:`_CapturedForward`: a replay recomputes into the static output, from the weights
+    and the static input of the moment, as a real replay would."""
 
-    def __init__(self, forward, x, pool, log):
-        self.forward, self.static_input = forward, x.clone()
-        self.static_output = forward(self.static_input)
+    def __init__(self, forward, static_input, static_output):
+        self.forward, self.static_input, self.static_output = forward, static_input, static_output
         self.replays = 0
-        log.append(self)
 
-    def __call__(self, x):
-        self.static_input.copy_(x)
+    def replay(self):
         self.static_output.copy_(self.forward(self.static_input))
         self.replays += 1
-        return self.static_output.clone()
+
+
+def fake_capture(log):
+    def capture(forward, x, pool):
+        static_input = x.clone()
+        static_output = forward(static_input)
+        graph = FakeGraph(forward, static_input, static_output)
+        log.append(graph)
+        return _CapturedForward(static_input, graph, static_output)
+    return capture
 
 
 class Net(GraphedInference, nn.Module):
@@ -41,9 +51,10 @@ class Net(GraphedInference, nn.Module):
         self.conv = nn.Conv2d(2, 3, 3, padding=1)
         self.norm = nn.BatchNorm2d(3)
         self.calls = 0
+        self.flag = False
 
     def forward(self, x):
-        return self._inference_graphs()(self, self._forward, x, extra_key=self.norm.training)
+        return self._inference_graphs()(self, self._forward, x, extra_key=self.flag)
 
     def _forward(self, x):
         self.calls += 1
@@ -51,7 +62,7 @@ class Net(GraphedInference, nn.Module):
 
 
 def graphed(net, log, max_graphs=4):
-    net.__dict__["_cuda_graphs"] = InferenceGraphs(max_graphs, lambda f, x, pool: FakeGraph(f, x, pool, log))
+    net.__dict__["_cuda_graphs"] = InferenceGraphs(max_graphs, fake_capture(log))
     return net
 
 
@@ -75,6 +86,11 @@ def test_warm_up_then_capture_then_replay(net):
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
     second.add_(1)  # the caller owns its output (nnU-Net's mirroring adds into it)
     torch.testing.assert_close(net(x), eager, rtol=0, atol=0)
+    with torch.no_grad():
+        other = torch.randn_like(x)
+        kept = net(x)
+        torch.testing.assert_close(net(other), net._forward(other), rtol=0, atol=0)  # same signature: a replay
+    torch.testing.assert_close(kept, eager, rtol=0, atol=0)  # untouched by the next replay
 
 
 def test_each_input_signature_gets_its_own_graph(net):
@@ -167,13 +183,102 @@ def test_a_failed_capture_warns_once_and_stays_eager(net):
         torch.testing.assert_close(out, net._forward(x), rtol=0, atol=0)
 
 
-def test_graphs_apply_only_to_cuda_eval_without_autograd(monkeypatch):
+def test_graphs_apply_only_to_cuda_eval_without_autograd_nothing_tracing(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     net = LGMSNet(1, 2).eval()
-    x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
-        assert not net.graphs_apply(x)  # CPU
-        net(x)
+        assert not net.graphs_apply(torch.randn(1, 1, 32, 32))  # a CPU tensor
+        net(torch.randn(1, 1, 32, 32))
     assert "_cuda_graphs" not in net.__dict__
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda_input = types.SimpleNamespace(is_cuda=True)  # all that graphs_apply reads of the input
+    with torch.no_grad():
+        assert net.graphs_apply(cuda_input)
+        with TorchDispatchMode():
+            assert not net.graphs_apply(cuda_input)
+        monkeypatch.setenv(ENV_SWITCH, "0")
+        assert not net.graphs_apply(cuda_input)
+        monkeypatch.setenv(ENV_SWITCH, "1")
+        net.cuda_graph_inference = False
+        assert not net.graphs_apply(cuda_input)
+        net.cuda_graph_inference = True
+        net.train()
+        assert not net.graphs_apply(cuda_input)
+        net.eval()
+    assert not net.graphs_apply(cuda_input)  # autograd on
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with torch.no_grad():
+        assert not net.graphs_apply(cuda_input)  # inside someone else's capture
+
+
+def test_inference_mode_and_no_grad_use_separate_graphs(net):
+    log = []
+    graphed(net, log)
+    x = torch.randn(2, 2, 8, 8)
+    with torch.inference_mode():
+        net(x), net(x)
+    with torch.no_grad():  # a static input made in inference mode cannot be written to here
+        net(x), net(x)
+        torch.testing.assert_close(net(x), net._forward(x), rtol=0, atol=0)
+    assert len(log) == 2
+
+
+def test_module_switches_and_autocast_are_part_of_the_signature(net):
+    log = []
+    graphed(net, log)
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        net(x), net(x)
+        net.flag = True  # e.g. deep supervision on
+        net(x), net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x), net(x)
+            out = net(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            net(x), net(x)
+            out16 = net(x)
+    assert len(log) == 4 and out.dtype == torch.bfloat16 and out16.dtype == torch.float16
+
+
+def test_replaced_layers_drop_the_graphs(net):
+    log = []
+    graphed(net, log)
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        net(x), net(x)
+        net.conv = nn.Conv2d(2, 3, 3, padding=1)  # new parameters the cached list does not hold
+        out = net(x)
+        assert not net._cuda_graphs.graphs
+        torch.testing.assert_close(out, net._forward(x), rtol=0, atol=0)
+        net(x)  # captured
+        assert len(net._cuda_graphs.graphs) == 1
+        # a sub-module's own load_state_dict with assign=True: new parameter objects, the top module not involved
+        net.norm.load_state_dict({k: v + 1 for k, v in net.norm.state_dict().items()}, assign=True)
+        out = net(x)
+        assert not net._cuda_graphs.graphs  # dropped; this call was the new warm-up
+        torch.testing.assert_close(out, net._forward(x), rtol=0, atol=0)
+    assert len(log) == 2
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: LGMSNet(3, 2, nn.Conv2d), (1, 3, 64, 64)),
+    (lambda: LGMSNet(1, 3, nn.Conv3d), (1, 1, 32, 32, 32)),
+    (lambda: GLIMS(1, 3, nn.Conv2d, patch_size=(64, 64)), (1, 1, 64, 64)),
+], ids=["lgmsnet-2d", "lgmsnet-3d", "glims-2d"])
+def test_the_networks_register_nothing_while_running(make, shape):
+    """A forward that registered a parameter, buffer or module would drop its own graphs on every call."""
+    from nnunetv2_lgms.networks import cuda_graphs
+
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randn(shape)
+    before = cuda_graphs._registrations
+    with torch.no_grad():
+        net(x), net(x)
+    net.train()
+    net(x).sum().backward()
+    assert cuda_graphs._registrations == before
 
 
 def test_copies_and_pickles_leave_the_graphs_behind(net):
@@ -245,6 +350,16 @@ def test_graphs_follow_weight_updates_on_cuda():
             eager = net(x)
             net.cuda_graph_inference = True
         torch.testing.assert_close(graphed_out, eager, rtol=1e-5, atol=1e-5)
+    # in eval mode only (no train() in between): a BatchNorm statistic that is folded into its conv changes in place
+    with torch.no_grad():
+        for _ in range(3):
+            net(x)
+        next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d)).running_var.mul_(2)
+        graphed_out = net(x)
+        net.cuda_graph_inference = False
+        eager = net(x)
+        net.cuda_graph_inference = True
+    torch.testing.assert_close(graphed_out, eager, rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda

@@ -9,17 +9,22 @@ faster, results/speed_gpu_h100/README.md).
 Used by :class:`~nnunetv2_lgms.networks.lgmsnet.LGMSNet` and :class:`~nnunetv2_lgms.networks.glims.GLIMS` through
 :class:`GraphedInference`: in eval mode, without autograd, on CUDA (what ``nnUNetv2_predict`` does; not under
 ``torch.compile``, which ``nnUNetv2_train`` applies by default) the forward of an input signature (shape, strides,
-dtype, device, autocast state, the module's own switches) runs eagerly the first time (it warms cuDNN's algorithm
-choice and the networks' inference caches), is captured the second time and replayed from then on. The replayed
-kernels are the eager ones, so the result is the same; every call returns fresh tensors (nnU-Net's mirroring adds
-into the first output in place).
+dtype, device, autocast and inference-mode state, deep supervision) runs eagerly the first time (it warms cuDNN's
+algorithm choice and the networks' inference caches), is captured the second time and replayed from then on. The
+replayed kernels are the eager ones, so the result is the same; every call returns fresh tensors (nnU-Net's
+mirroring adds into the first output in place).
 
 Graphs are dropped when any parameter or buffer changes (its storage or its version counter: an optimiser step,
-``load_state_dict``, ``.to()``), so a replay never reads stale weights, and when the module returns to training
-mode, so their memory pool is not held through training. With several folds, ``nnUNetv2_predict`` loads each
-fold's weights per case: each fold then warms up and captures again (one eager forward and one capture per fold
-and case). A forward that cannot be captured (a host sync, a copy from pageable memory) runs eagerly from then on,
-with one warning. Off: ``nnUNet_lgms_cuda_graphs=0`` in the environment, or ``module.cuda_graph_inference = False``.
+``load_state_dict``, ``.to()``), when a parameter, buffer or submodule is registered anywhere in the process (a
+replaced layer, ``load_state_dict(assign=True)``), so a replay never reads stale weights, and when the module returns
+to training mode, so their memory pool is not held through training. With several folds, ``nnUNetv2_predict``
+loads each fold's weights per case: each fold then warms up and captures again (one eager forward and one capture
+per fold and case). A forward that cannot be captured (a host sync, a copy from pageable memory) runs eagerly from
+then on, with one warning.
+
+Memory: the graphs of one network (at most four input signatures) share a private pool of about one forward's
+activations per signature, which ``torch.cuda.empty_cache()`` does not release; on a nearly full GPU switch them
+off: ``nnUNet_lgms_cuda_graphs=0`` in the environment, or ``module.cuda_graph_inference = False``.
 """
 from __future__ import annotations
 
@@ -36,6 +41,17 @@ from nnunetv2_lgms.networks.cpu_inference import is_compiling
 
 ENV_SWITCH = "nnUNet_lgms_cuda_graphs"
 _CAPTURE_FAILED = object()
+_registrations = 0  # parameters, buffers and submodules registered in this process so far
+
+
+def _count_registration(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 def cuda_graphs_enabled_by_env() -> bool:
@@ -80,9 +96,15 @@ def capture_cuda_graph(forward: Callable, x: torch.Tensor, pool) -> _CapturedFor
     dtype = torch.get_autocast_dtype(device_type)
     static_input = x.clone()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(x.device), torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False):
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            static_output = forward(static_input)
+    with torch.cuda.device(x.device):
+        caller_stream = torch.cuda.current_stream()
+        try:
+            # a capture stream on the input's device (torch.cuda.graph's default one lives on the first device used)
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False), torch.cuda.graph(
+                    graph, pool=pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+                static_output = forward(static_input)
+        finally:  # a capture that fails in its end does not switch back to the caller's stream
+            torch.cuda.set_stream(caller_stream)
     return _CapturedForward(static_input, graph, static_output)
 
 
@@ -112,7 +134,7 @@ class InferenceGraphs:
     def _signature(self, module: nn.Module) -> Tuple:
         if self.state_tensors is None:
             self.state_tensors = [*module.parameters(), *module.buffers()]
-        return tuple((t.data_ptr(), t._version) for t in self.state_tensors)
+        return (_registrations, *((t.data_ptr(), t._version) for t in self.state_tensors))
 
     def __call__(self, module: nn.Module, forward: Callable, x: torch.Tensor, extra_key: Hashable = ()):
         signature = self._signature(module)
@@ -121,8 +143,9 @@ class InferenceGraphs:
             self.state_tensors = [*module.parameters(), *module.buffers()]
             self.state_signature = self._signature(module)
         device_type = x.device.type
+        # (inference mode: a static input made under it cannot be written to outside it)
         key = (tuple(x.shape), x.stride(), x.dtype, str(x.device), torch.is_autocast_enabled(device_type),
-               torch.get_autocast_dtype(device_type), extra_key)
+               torch.get_autocast_dtype(device_type), torch.is_inference_mode_enabled(), extra_key)
         entry = self.graphs.get(key)
         if entry is None:
             if key not in self.warmed:
