@@ -61,9 +61,11 @@ class Net(GraphedInference, nn.Module):
         return self.norm(self.conv(x))
 
 
-def graphed(net, log, max_graphs=4):
+def graphed(net, log=None, max_graphs=4):
+    """Give ``net`` a graph cache with the stand-in capture; returns the list the captures are logged in."""
+    log = [] if log is None else log
     net.__dict__["_cuda_graphs"] = InferenceGraphs(max_graphs, fake_capture(log))
-    return net
+    return log
 
 
 @pytest.fixture
@@ -73,8 +75,7 @@ def net():
 
 
 def test_warm_up_then_capture_then_replay(net):
-    log = []
-    graphed(net, log)
+    log = graphed(net)
     x = torch.randn(2, 2, 8, 8)
     with torch.no_grad():
         eager = net._forward(x)
@@ -94,8 +95,7 @@ def test_warm_up_then_capture_then_replay(net):
 
 
 def test_each_input_signature_gets_its_own_graph(net):
-    log = []
-    graphed(net, log)
+    log = graphed(net)
     with torch.no_grad():
         for x in (torch.randn(1, 2, 8, 8), torch.randn(2, 2, 8, 8)):
             for _ in range(3):
@@ -110,8 +110,7 @@ def test_each_input_signature_gets_its_own_graph(net):
 
 
 def test_weight_changes_drop_the_graphs(net):
-    log = []
-    graphed(net, log)
+    log = graphed(net)
     x = torch.randn(2, 2, 8, 8)
     with torch.no_grad():
         net(x), net(x)
@@ -128,8 +127,7 @@ def test_weight_changes_drop_the_graphs(net):
 
 
 def test_load_state_dict_and_to_drop_the_graphs(net):
-    log = []
-    graphed(net, log)
+    log = graphed(net)
     x = torch.randn(2, 2, 8, 8)
     other = Net().eval()
     with torch.no_grad():
@@ -144,7 +142,7 @@ def test_load_state_dict_and_to_drop_the_graphs(net):
 
 
 def test_training_mode_drops_the_graphs(net):
-    graphed(net, [])
+    graphed(net)
     x = torch.randn(2, 2, 8, 8)
     with torch.no_grad():
         net(x), net(x)
@@ -155,13 +153,13 @@ def test_training_mode_drops_the_graphs(net):
 
 
 def test_least_recently_used_graph_is_dropped(net):
-    log = []
-    graphed(net, log, max_graphs=2)
+    log = graphed(net, max_graphs=2)
     inputs = [torch.randn(b, 2, 8, 8) for b in (1, 2, 3)]
     with torch.no_grad():
         for x in inputs:
             net(x), net(x)
         assert [k[0][0] for k in net._cuda_graphs.graphs] == [2, 3]
+    assert len(log) == 3  # three captured, the oldest dropped
 
 
 def test_a_failed_capture_warns_once_and_stays_eager(net):
@@ -213,8 +211,7 @@ def test_graphs_apply_only_to_cuda_eval_without_autograd_nothing_tracing(monkeyp
 
 
 def test_inference_mode_and_no_grad_use_separate_graphs(net):
-    log = []
-    graphed(net, log)
+    log = graphed(net)
     x = torch.randn(2, 2, 8, 8)
     with torch.inference_mode():
         net(x), net(x)
@@ -225,8 +222,7 @@ def test_inference_mode_and_no_grad_use_separate_graphs(net):
 
 
 def test_module_switches_and_autocast_are_part_of_the_signature(net):
-    log = []
-    graphed(net, log)
+    log = graphed(net)
     x = torch.randn(2, 2, 8, 8)
     with torch.no_grad():
         net(x), net(x)
@@ -242,8 +238,7 @@ def test_module_switches_and_autocast_are_part_of_the_signature(net):
 
 
 def test_replaced_layers_drop_the_graphs(net):
-    log = []
-    graphed(net, log)
+    log = graphed(net)
     x = torch.randn(2, 2, 8, 8)
     with torch.no_grad():
         net(x), net(x)
@@ -282,7 +277,7 @@ def test_the_networks_register_nothing_while_running(make, shape):
 
 
 def test_copies_and_pickles_leave_the_graphs_behind(net):
-    graphed(net, [])
+    graphed(net)
     x = torch.randn(2, 2, 8, 8)
     with torch.no_grad():
         net(x), net(x)

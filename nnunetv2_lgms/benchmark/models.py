@@ -12,6 +12,18 @@ from typing import Optional
 from nnunetv2_lgms.discovery import ENV_VAR, ext_trainer_value, shim_on_path
 
 
+# how the benchmarks run the networks' eval forward on CUDA: as shipped (this package's networks replay CUDA graphs,
+# nnU-Net's runs eagerly), every network replayed (nnU-Net's wrapped in the same replay), or every network eager
+CUDA_GRAPH_MODES = ("default", "all", "off")
+
+
+def add_cuda_graphs_argument(parser) -> None:
+    """The ``--cuda-graphs`` option of ``speed_report`` and ``nnunetv2_lgms profile``."""
+    parser.add_argument("--cuda-graphs", default="default", choices=CUDA_GRAPH_MODES,
+                        help="CUDA only: replay of the eval forward from CUDA graphs as shipped (default: this "
+                             "package's networks, not nnU-Net's), for every network (all), or for none (off)")
+
+
 class BenchmarkError(RuntimeError):
     """A user-facing error: the commands print the message and exit non-zero."""
 

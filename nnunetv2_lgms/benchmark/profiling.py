@@ -32,13 +32,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from nnunetv2_lgms.benchmark.models import BenchmarkError, PlanContext, build_network, find_trainer_class
+from nnunetv2_lgms.benchmark.models import (CUDA_GRAPH_MODES, BenchmarkError, PlanContext, build_network,
+                                            find_trainer_class)
 from nnunetv2_lgms.networks.blocks import count_parameters, inference_parameters
 from nnunetv2_lgms.networks.cuda_graphs import GraphedInference, GraphedModule
 from nnunetv2_lgms.benchmark.tables import markdown_table, ratio
 
 MB = 1e6
-CUDA_GRAPH_MODES = ("default", "all", "off")
 
 
 @dataclass

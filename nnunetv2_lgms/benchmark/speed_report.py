@@ -107,6 +107,7 @@ def write_report(sections: List[dict], command: str, out: Path, seconds: float) 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nnunetv2_lgms.benchmark.speed_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from nnunetv2_lgms.benchmark.models import add_cuda_graphs_argument
     from nnunetv2_lgms.benchmark.synthetic_plans import PRESETS
     parser.add_argument("--out", required=True, help="folder for speed_report.md/.json/.png")
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), choices=list(PRESETS))
@@ -117,9 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--cuda-graphs", default="default", choices=["default", "all", "off"],
-                        help="CUDA only: replay of the eval forward from CUDA graphs as shipped (default: this "
-                             "package's networks, not nnU-Net's), for every network (all), or for none (off)")
+    add_cuda_graphs_argument(parser)
     parser.add_argument("--batch-1-only", action="store_true",
                         help="time only the batch-1 forward (plans whose training step does not fit in memory)")
     args = parser.parse_args(argv)

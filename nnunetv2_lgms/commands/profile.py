@@ -3,6 +3,8 @@ time, peak memory and sliding-window time of trainers' networks on one nnU-Net p
 (round-robin over trainers in every repetition), with ratios against the first trainer."""
 from __future__ import annotations
 
+from nnunetv2_lgms.benchmark.models import add_cuda_graphs_argument
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or name (as for nnUNetv2_train)")
@@ -15,9 +17,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unrecorded repetitions first (default: 1)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the networks first, as nnU-Net does when training on CUDA")
-    parser.add_argument("--cuda-graphs", default="default", choices=["default", "all", "off"],
-                        help="CUDA only: replay of the eval forward from CUDA graphs as shipped (default: this "
-                             "package's networks, not nnU-Net's), for every network (all), or for none (off)")
+    add_cuda_graphs_argument(parser)
     parser.add_argument("--no-sliding-window", action="store_true", help="skip the sliding-window timing")
     parser.add_argument("--sliding-window-repeats", type=int, default=1,
                         help="repetitions of the sliding-window timing (default: 1)")

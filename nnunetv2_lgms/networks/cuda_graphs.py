@@ -139,8 +139,7 @@ class InferenceGraphs:
     def __call__(self, module: nn.Module, forward: Callable, x: torch.Tensor, extra_key: Hashable = ()):
         signature = self._signature(module)
         if signature != self.state_signature:
-            self.clear()
-            self.state_tensors = [*module.parameters(), *module.buffers()]
+            self.clear()  # (also the cached tensor list: the next line lists the module's tensors anew)
             self.state_signature = self._signature(module)
         device_type = x.device.type
         # (inference mode: a static input made under it cannot be written to outside it)
