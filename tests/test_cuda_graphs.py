@@ -152,6 +152,19 @@ def test_training_mode_drops_the_graphs(net):
     assert "_cuda_graphs" not in net.__dict__
 
 
+def test_weights_without_version_counters_stay_eager(net):
+    """Weights converted under inference mode are inference tensors: their changes cannot be followed, so no graph
+    (and no error)."""
+    with torch.inference_mode():
+        net.double()
+    log = graphed(net)
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    with torch.inference_mode():
+        outs = [net(x) for _ in range(3)]
+        assert log == [] and net.calls == 3
+        torch.testing.assert_close(outs[-1], net._forward(x), rtol=0, atol=0)
+
+
 def test_least_recently_used_graph_is_dropped(net):
     log = graphed(net, max_graphs=2)
     inputs = [torch.randn(b, 2, 8, 8) for b in (1, 2, 3)]

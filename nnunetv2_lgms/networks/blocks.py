@@ -5,7 +5,7 @@ derives the matching norm/pool ops from it, so one class serves 2D and 3D.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import nn
@@ -96,6 +96,16 @@ def foldable_batch_norm(norm: nn.Module) -> bool:
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats
 
 
+def versioned_state(owner: nn.Module) -> Optional[List[torch.Tensor]]:
+    """``owner``'s parameters and buffers, or None where their changes cannot be followed: meta tensors, and
+    inference tensors (e.g. weights created or converted under ``torch.inference_mode``), which have no version
+    counter."""
+    sources = [*owner.parameters(), *owner.buffers()]
+    if any(t.device.type == "meta" or t.is_inference() for t in sources):
+        return None
+    return sources
+
+
 def derived_for_inference(owner: nn.Module, derive: Callable[[], T]) -> T:
     """``derive()``, reused by later calls while every parameter and buffer of ``owner`` is unchanged: the same memory
     and the same in-place version counter (optimiser steps, ``load_state_dict``, ``.to()`` and BatchNorm statistic
@@ -109,9 +119,9 @@ def derived_for_inference(owner: nn.Module, derive: Callable[[], T]) -> T:
     """
     if torch.is_grad_enabled() or is_compiling():
         return derive()
-    sources = [*owner.parameters(), *owner.buffers()]
-    if any(t.device.type == "meta" or t.is_inference() for t in sources):
-        return derive()  # (inference tensors, e.g. weights created under torch.inference_mode, have no version)
+    sources = versioned_state(owner)
+    if sources is None:
+        return derive()
     cached = owner.__dict__.get("_derived_for_inference")
     if cached is not None and len(cached[0]) == len(sources) and all(
             s.data_ptr() == ref.data_ptr() and s._version == version and s.dtype == ref.dtype

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from nnunetv2_lgms.flops import is_counting_flops
+from nnunetv2_lgms.networks.blocks import versioned_state
 from nnunetv2_lgms.networks.cpu_inference import is_compiling
 
 ENV_SWITCH = "nnUNet_lgms_cuda_graphs"
@@ -131,9 +132,12 @@ class InferenceGraphs:
         self.state_signature = None
         self.pool = None
 
-    def _signature(self, module: nn.Module) -> Tuple:
+    def _signature(self, module: nn.Module) -> Optional[Tuple]:
+        """Storage and version of every parameter and buffer; None where they cannot be followed."""
         if self.state_tensors is None:
-            self.state_tensors = [*module.parameters(), *module.buffers()]
+            self.state_tensors = versioned_state(module)
+            if self.state_tensors is None:
+                return None
         return (_registrations, *((t.data_ptr(), t._version) for t in self.state_tensors))
 
     def __call__(self, module: nn.Module, forward: Callable, x: torch.Tensor, extra_key: Hashable = ()):
@@ -141,6 +145,8 @@ class InferenceGraphs:
         if signature != self.state_signature:
             self.clear()  # (also the cached tensor list: the next line lists the module's tensors anew)
             self.state_signature = self._signature(module)
+        if self.state_signature is None:  # weights without version counters: a stale graph would go unnoticed
+            return forward(x)
         device_type = x.device.type
         # (inference mode: a static input made under it cannot be written to outside it)
         key = (tuple(x.shape), x.stride(), x.dtype, str(x.device), torch.is_autocast_enabled(device_type),
