@@ -187,6 +187,50 @@ def test_scalar_prelu_equals_nn_prelu_forward_and_backward(dtype, channels_last,
     assert cpu_training.scalar_prelu(x, fast.weight) is not None  # the fast function ran (autograd on, CPU)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("slope", [0.25, -0.7])
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_in_place_scalar_prelu_after_a_norm_equals_nn_prelu(dtype, slope, norm):
+    """``ScalarPReLU(inplace=True)`` after a norm (as GLIMS uses it): the norm's output is overwritten for a positive
+    slope (out of place for a negative one), and values and all gradients (input, slope, norm affine) equal
+    ``nn.PReLU`` after the same norm."""
+    from nnunetv2_lgms.networks.blocks import LayoutKeepingInstanceNorm3d
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, 4, dtype=dtype) * 2 + 0.3
+    grad = torch.randn(x.shape, dtype=dtype)
+    make_norm = (lambda: nn.GroupNorm(5, 5)) if norm == "group" else (lambda: LayoutKeepingInstanceNorm3d(5,
+                                                                                                          affine=True))
+    results = []
+    for act in (ScalarPReLU(init=slope, inplace=True), nn.PReLU(init=slope)):
+        torch.manual_seed(1)
+        layer = nn.Sequential(make_norm(), act).to(dtype)
+        with torch.no_grad():
+            layer[0].weight.uniform_(0.5, 1.5)
+            layer[0].bias.uniform_(-0.5, 0.5)
+        xi = x.clone().requires_grad_(True)
+        normed = layer[0](xi)
+        version = normed._version
+        y = layer[1](normed)
+        if isinstance(act, ScalarPReLU):
+            assert (y is normed and normed._version > version) == (slope > 0)
+        y.backward(grad)
+        results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10 if dtype == torch.float64 else 1e-4,
+                                   atol=1e-10 if dtype == torch.float64 else 1e-4 * magnitude(b))
+
+
+def test_in_place_scalar_prelu_leaves_views_and_leaves_alone():
+    act = ScalarPReLU(inplace=True)
+    base = torch.randn(2, 4, 6, requires_grad=True) * 1.0
+    view = base[:, :2]
+    assert act(view) is not view  # a view: in place would make autograd copy its base's gradient
+    leaf = torch.randn(2, 4, 6, requires_grad=True)
+    assert act(leaf) is not leaf
+    fresh = leaf * 1.0
+    assert act(fresh) is fresh
+
+
 def test_scalar_prelu_declines_where_it_does_not_apply():
     x, w = torch.randn(2, 3, 4, 4), torch.tensor([0.25])
     assert cpu_training.scalar_prelu(x, torch.tensor([0.25, 0.1, 0.2])) is None  # per-channel slopes
@@ -333,3 +377,68 @@ def test_layout_keeping_instance_norm_keeps_channels_last_and_the_state_dict():
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(y, stock(x.contiguous()), rtol=1e-5, atol=1e-5)
     assert not stock(x).is_contiguous(memory_format=torch.channels_last_3d)  # why it exists
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 7), (2, 6, 3, 4, 5), (2, 1, 3, 4, 5)], ids=["2d", "3d", "3d-1ch"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_equals_the_conv_forward_and_backward(dtype, shape, bias):
+    """The 1x1 conv as batched GEMMs: output, input gradient and both parameter gradients of the conv module."""
+    torch.manual_seed(0)
+    conv = (nn.Conv2d if len(shape) == 4 else nn.Conv3d)(shape[1], 7, 1, bias=bias).to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    results = []
+    for fast in (True, False):
+        xi = x.clone().requires_grad_(True)
+        conv.zero_grad()
+        y = cpu_training.pointwise_conv(conv, xi) if fast else conv(xi)
+        assert y is not None
+        assert y.shape == (shape[0], 7, *shape[2:])
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
+        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in conv.parameters()])
+    assert len(results[0]) == (4 if bias else 3)
+    for a, b in zip(*results):
+        close(a, b, magnitude(b))
+
+
+def test_pointwise_conv_declines_where_it_does_not_apply():
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    conv = nn.Conv2d(4, 3, 1)
+    assert cpu_training.pointwise_conv(conv, x) is not None
+    assert cpu_training.pointwise_conv(conv, x.contiguous(memory_format=torch.channels_last)) is None
+    assert cpu_training.pointwise_conv(conv, x[:, :, ::2]) is None  # not contiguous
+    for other in (nn.Conv2d(4, 3, 3), nn.Conv2d(4, 3, 1, stride=2), nn.Conv2d(4, 4, 1, groups=2),
+                  nn.Conv2d(4, 3, 1, padding=1), nn.ConvTranspose2d(4, 3, 1), nn.Conv2d(5, 3, 1)):
+        assert cpu_training.pointwise_conv(other, x) is None, other
+    assert cpu_training.pointwise_conv(conv.double(), x) is None  # dtypes differ
+    with torch.no_grad():
+        assert cpu_training.pointwise_conv(nn.Conv2d(4, 3, 1), x) is None  # inference has its own paths
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_training.pointwise_conv(nn.Conv2d(4, 3, 1), x) is None
+
+
+def test_glims_training_runs_its_1x1_convs_and_heads_as_gemms(monkeypatch):
+    """Every 1x1 conv of GLIMS's conv-IN-PReLU units and all five heads take the GEMM path in CPU training (the
+    network-level equality with the plain path is in test_speed_paths.py)."""
+    from nnunetv2_lgms.networks.glims import GLIMS
+    torch.manual_seed(0)
+    net = GLIMS.from_plan((16, 32, 32), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 5,
+                          1, 3, deep_supervision=True, feature_size=12).train()
+    calls = []
+
+    def recording(kind):
+        def pointwise_conv(conv, x):
+            y = cpu_training.pointwise_conv(conv, x)
+            if y is not None:
+                calls.append((kind, conv))
+            return y
+        return pointwise_conv
+
+    monkeypatch.setattr("nnunetv2_lgms.networks.blocks.pointwise_conv", recording("unit"))
+    monkeypatch.setattr("nnunetv2_lgms.networks.glims.pointwise_conv", recording("head"))
+    out = net(torch.randn(2, 1, 16, 32, 32))
+    sum(o.sum() for o in out).backward()
+    pointwise_units = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1)
+                       and m not in set(net.decoder.seg_layers)]
+    assert sorted(id(c) for kind, c in calls if kind == "unit") == sorted(id(c) for c in pointwise_units)
+    assert [c for kind, c in calls if kind == "head"] == [net.decoder.seg_layers[i] for i in range(5)]

@@ -563,11 +563,14 @@ def test_glims_inference_without_autograd_equals_plain_network(dim, patch, strid
         assert counts["aten::cat"] < plain_counts["aten::cat"] - 12
 
 
-def test_glims_training_equals_plain_network():
-    """With autograd the inference paths step aside; the PReLUs' faster backward gives the same gradients."""
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_glims_training_equals_plain_network(deep_supervision):
+    """With autograd the inference paths step aside; the PReLUs' faster backward, the depthwise convs' input
+    gradient as a forward conv and the 1x1 convs and heads as GEMMs give the same outputs and gradients."""
     torch.manual_seed(0)
     net = GLIMS.from_plan((16, 32, 48), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 5,
-                          1, 2, deep_supervision=False, feature_size=12).double().train()
+                          1, 2, deep_supervision=deep_supervision, feature_size=12).double().train()
     ref = plain_copy(net)
-    x = torch.randn(1, 1, 16, 32, 48, dtype=torch.float64)
-    assert_same(forward_backward(net, x, lambda o: [o]), forward_backward(ref, x, lambda o: [o]))
+    x = torch.randn(2, 1, 16, 32, 48, dtype=torch.float64)
+    outputs_of = (lambda o: o) if deep_supervision else (lambda o: [o])
+    assert_same(forward_backward(net, x, outputs_of), forward_backward(ref, x, outputs_of))

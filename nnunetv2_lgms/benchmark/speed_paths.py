@@ -21,6 +21,7 @@ from torch import nn
 
 from nnunetv2_lgms.benchmark.tables import markdown_table
 from nnunetv2_lgms.networks.blocks import ConvNormAct, LayoutKeepingInstanceNorm, ScalarPReLU
+from nnunetv2_lgms.networks.glims import GLIMSDecoder
 from nnunetv2_lgms.networks.glims_blocks import DACB, StridedConvINPReLU
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
@@ -34,6 +35,9 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
         if isinstance(m, ConvNormAct):
             m.fuse_activation = False
             m.norm_in_place = False
+            m.gemm_pointwise = False
+        if isinstance(m, GLIMSDecoder):
+            m.gemm_heads = False
         if isinstance(m, FusionConv):
             m.blockwise_pointwise = False
             m.blockwise_training = False
@@ -54,6 +58,7 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.fast_backward = False
         if isinstance(m, LayoutKeepingInstanceNorm):
             m.keep_channels_last = False
+            m.group_norm_training = False
     return net
 
 

@@ -46,6 +46,7 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, convert_dim_to_conv_op
 
 from nnunetv2_lgms.networks.blocks import count_parameters
+from nnunetv2_lgms.networks.cpu_training import pointwise_conv
 from nnunetv2_lgms.networks.cuda_graphs import GraphedInference
 from nnunetv2_lgms.networks.glims_blocks import CSAB, DMSF, DMSU, conv_in_prelu
 from nnunetv2_lgms.networks.swin import PatchExpand, PatchMerging, SwinLayer
@@ -181,7 +182,12 @@ class GLIMSEncoder(nn.Module):
 class GLIMSDecoder(nn.Module):
     """t4_post, DMSU_4-1, Swin t3_up and the heads. ``([skip_0 .. skip_4], bottleneck) -> logits`` (tensor, head 1),
     or with ``deep_supervision`` a list of five logits at levels 0-4, full resolution first (heads 1-4 of the
-    official code and an auxiliary head on t4_post)."""
+    official code and an auxiliary head on t4_post).
+
+    Speed (``gemm_heads``): in CPU training the 1x1 heads run as batched GEMMs on the NC(D)HW maps
+    (:func:`~nnunetv2_lgms.networks.cpu_training.pointwise_conv`)."""
+
+    gemm_heads: bool = True
 
     def __init__(self, conv_op, f, num_classes, strides, kernel_sizes, sizes, depths, num_heads, window,
                  deep_supervision, exact_relative_bias):
@@ -204,8 +210,12 @@ class GLIMSDecoder(nn.Module):
             if level == 3:
                 x = self.t3_up(x)
         if not self.deep_supervision:
-            return self.seg_layers[0](features[-1])
-        return [self.seg_layers[level](features[4 - level]) for level in range(5)]
+            return self._head(0, features[-1])
+        return [self._head(level, features[4 - level]) for level in range(5)]
+
+    def _head(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        y = pointwise_conv(self.seg_layers[level], x) if self.gemm_heads else None
+        return self.seg_layers[level](x) if y is None else y
 
 
 class GLIMS(GraphedInference, nn.Module):

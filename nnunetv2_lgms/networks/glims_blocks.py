@@ -16,16 +16,16 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
 from nnunetv2_lgms.flops import is_counting_flops
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, ScalarPReLU, as_tuple, instance_norm_for, norm_act_on_fresh,
-                                           restrict_kernel, same_padding, to_channels_last)
+from nnunetv2_lgms.networks.blocks import (ConvNormAct, ScalarPReLU, as_tuple, instance_norm_for, layout_keeping,
+                                           norm_act_on_fresh, restrict_kernel, same_padding, to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import can_overwrite_intermediates
 from nnunetv2_lgms.networks.cpu_training import depthwise_conv, depthwise_conv_module
 
 
 def conv_in_prelu(conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size=1) -> ConvNormAct:
     """MONAI ``Convolution`` (stride 1, 'same' padding): conv (bias) -> InstanceNorm (affine=False) -> PReLU(1)."""
-    return ConvNormAct(conv_op, in_channels, out_channels, kernel_size, instance_norm_for(conv_op), ScalarPReLU,
-                       bias=True)
+    return ConvNormAct(conv_op, in_channels, out_channels, kernel_size, layout_keeping(instance_norm_for(conv_op)),
+                       ScalarPReLU, bias=True)
 
 
 def cpu_inference_path(x: torch.Tensor) -> bool:
@@ -50,7 +50,7 @@ class StridedConvINPReLU(nn.Sequential):
         stride = as_tuple(stride, dim)
         op = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dim] if transposed else conv_op
         super().__init__(op(in_channels, out_channels, stride, stride=stride, bias=True),
-                         instance_norm_for(conv_op)(out_channels), ScalarPReLU())
+                         layout_keeping(instance_norm_for(conv_op))(out_channels), ScalarPReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_in_place and cpu_inference_path(x):
@@ -125,11 +125,11 @@ class DACB(nn.Module):
             conv_op(channels, channels, kernel, padding=same_padding(kernel, d), dilation=d, groups=channels,
                     bias=True) for d in dilations)
         self.dilated_norms = nn.ModuleList(nn.GroupNorm(channels, channels) for _ in dilations)
-        self.dilated_acts = nn.ModuleList(ScalarPReLU() for _ in dilations)
+        self.dilated_acts = nn.ModuleList(ScalarPReLU(inplace=True) for _ in dilations)
         self.compress = nn.Sequential(conv_in_prelu(conv_op, len(dilations) * channels, emb_dim),
                                       conv_in_prelu(conv_op, emb_dim, channels))
-        self.norm = instance_norm_for(conv_op)(channels)
-        self.act = ScalarPReLU()
+        self.norm = layout_keeping(instance_norm_for(conv_op))(channels)
+        self.act = ScalarPReLU(inplace=True)
         self.unused_prelu = nn.PReLU()  # official dead parameter, never used in forward
         # frozen so that DDP (which fails on parameters that never receive a gradient) and optimisers ignore it;
         # it still counts towards the parameter total, as in the official model
