@@ -102,6 +102,65 @@ def test_pointwise_pair_blockwise_equals_the_modules(shape, with_input_norm, dty
                 assert torch.equal(buffers[name], buf), name  # num_batches_tracked
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_input_norm", [True, False])
+def test_pointwise_pair_blockwise_on_parts_equals_the_modules_on_the_concatenation(dtype, with_input_norm):
+    """Input given as two parts (4 + 2 channels): values, both parts' gradients, parameter gradients and running
+    statistics of the modules on ``torch.cat(parts, 1)``."""
+    layers = make_layers(2, 6, 12, 4, dtype)
+    ref = copy.deepcopy(layers)
+    x = channels_last_input((2, 6, 5, 7), dtype)
+    grad = channels_last_input((2, 4, 5, 7), dtype, seed=1)
+    parts = [x[:, :4].contiguous(memory_format=torch.channels_last).requires_grad_(True),
+             x[:, 4:].contiguous(memory_format=torch.channels_last).requires_grad_(True)]
+    out = pointwise_pair_blockwise(parts, layers["first"], layers["act"], layers["norm"], layers["second"],
+                                   input_norm=layers["input_norm"] if with_input_norm else None, block_pixels=16)
+    assert out is not None
+    out.backward(grad)
+    out_ref, gx_ref = run(ref, x, grad, fast=False, with_input_norm=with_input_norm)
+    close(out.detach(), out_ref, magnitude(out_ref))
+    close(torch.cat([p.grad for p in parts], dim=1), gx_ref, magnitude(gx_ref))
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    scale = max(magnitude(g) for g in grads.values())
+    for name, p in layers.named_parameters():
+        if name in grads:
+            close(p.grad, grads[name], scale, msg=name)
+    for (name, a), b in zip(layers.named_buffers(), ref.buffers()):
+        if b.is_floating_point():
+            close(a, b, magnitude(b), msg=name)
+    # parts that do not add up to the conv's input, or differ in size, are declined
+    assert pointwise_pair_blockwise(parts[:1], layers["first"], layers["act"], layers["norm"], layers["second"]) is None
+    assert pointwise_pair_blockwise([parts[0], parts[1][:, :, :4]], layers["first"], layers["act"], layers["norm"],
+                                    layers["second"]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fusion_conv_training_on_parts_equals_the_plain_module_on_the_concatenation(dtype, monkeypatch):
+    """LGMSNet's decoder hands ``[skip, up]`` as parts: in CPU training one dense conv per part and the blockwise
+    stack on the two parts (no concatenation), with the values, gradients and running statistics of the plain
+    module on the concatenation."""
+    torch.manual_seed(0)
+    block = FusionConv(nn.Conv2d, 12, 6, nn.BatchNorm2d).to(dtype).train()
+    ref = disable_speed_paths(copy.deepcopy(block))
+    seen = []
+    real = lgms_blocks.pointwise_pair_blockwise
+    monkeypatch.setattr(lgms_blocks, "pointwise_pair_blockwise",
+                        lambda x, *a, **k: seen.append([p.shape[1] for p in x]) or real(x, *a, **k))
+    skip, up = channels_last_input((2, 6, 9, 11), dtype), channels_last_input((2, 6, 9, 11), dtype, seed=2)
+    results = []
+    for module in (block, ref):
+        s, u = skip.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        out = module.forward_parts([s, u])
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        results.append([out.detach(), s.grad, u.grad] + [p.grad for p in module.parameters()])
+    assert seen == [[6, 6]]  # the fast module's stack got the two activated parts; the plain one never asked
+    scale = max(magnitude(g) for g in results[1])
+    for a, b in zip(*results):
+        close(a, b, scale)
+    for a, b in zip(block.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_pointwise_pair_blockwise_declines_and_touches_nothing():
     layers = make_layers(2, 6, 12, 4, torch.float32)
     x = channels_last_input((2, 6, 5, 7), torch.float32)

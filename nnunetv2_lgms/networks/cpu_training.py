@@ -37,7 +37,7 @@ backward: ``tests/test_cpu_training.py``.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -51,32 +51,42 @@ from nnunetv2_lgms.networks.cpu_inference import (BLOCK_PIXELS, group_moments, i
                                                   pixels_dense)
 
 
-def pointwise_pair_blockwise(x: torch.Tensor, first: _ConvNd, act: nn.Module, norm: nn.Module, second: _ConvNd,
-                             input_norm: Optional[nn.Module] = None,
+def pointwise_pair_blockwise(x: Union[torch.Tensor, Sequence[torch.Tensor]], first: _ConvNd, act: nn.Module,
+                             norm: nn.Module, second: _ConvNd, input_norm: Optional[nn.Module] = None,
                              block_pixels: int = BLOCK_PIXELS) -> Optional[torch.Tensor]:
     """``second(norm(act(first(input_norm(x)))))`` for 1x1 convs ``first``/``second``, a GELU ``act`` and
     BatchNorms ``norm`` (and optionally ``input_norm``) in training mode, computed blockwise (module docstring);
-    ``(B, C_in, *S) -> (B, C_out, *S)``, channels-last. Updates the norms' running statistics as their forwards
-    would. None where the path does not apply (nothing is updated then)."""
-    if not _applies(x, first, act, norm, second, input_norm):
+    ``(B, C_in, *S) -> (B, C_out, *S)``, channels-last. ``x`` may be given as parts that together are its channels
+    (``torch.cat(x, 1)`` is then never formed: the first conv sums one GEMM per part). Updates the norms' running
+    statistics as their forwards would. None where the path does not apply (nothing is updated then)."""
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    if not pointwise_pair_applies(parts, first, act, norm, second, input_norm):
         return None
     no_norm = (None, None, None, None, None, 0.0)
-    return _PointwisePair.apply(x, first.weight, first.bias, second.weight, second.bias,
+    return _PointwisePair.apply(first.weight, first.bias, second.weight, second.bias,
                                 *_norm_args(norm), *(_norm_args(input_norm) if input_norm is not None else no_norm),
-                                act.approximate, block_pixels)
+                                act.approximate, block_pixels, *parts)
 
 
-def _applies(x, first, act, norm, second, input_norm) -> bool:
+def pointwise_pair_applies(parts: Sequence[torch.Tensor], first: _ConvNd, act: nn.Module, norm: nn.Module,
+                           second: _ConvNd, input_norm: Optional[nn.Module] = None) -> bool:
+    """Whether :func:`pointwise_pair_blockwise` takes these input parts and modules (it changes nothing)."""
+    if not parts:
+        return False
+    x = parts[0]
     norms = (norm,) if input_norm is None else (norm, input_norm)
+    channels = sum(p.shape[1] for p in parts)
     return (torch.is_grad_enabled() and not is_compiling() and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")  # the modules' autocast dtypes differ per op
-            and x.dtype in (torch.float32, torch.float64) and x.ndim in (4, 5) and pixels_dense(x)
+            and x.dtype in (torch.float32, torch.float64) and x.ndim in (4, 5)
+            and all(p.dtype == x.dtype and p.device == x.device and p.ndim == x.ndim and pixels_dense(p)
+                    and p.shape[0] == x.shape[0] and p.shape[2:] == x.shape[2:] for p in parts)
             and x.shape[0] * x.shape[2:].numel() > 1 and type(act) is nn.GELU
             and all(_is_pointwise(c, x.dtype) for c in (first, second))
             and all(isinstance(n, _BatchNorm) and n.training and n.affine and n.weight.dtype == x.dtype
                     for n in norms)
-            and x.shape[1] == first.in_channels and first.out_channels == norm.num_features == second.in_channels
-            and (input_norm is None or input_norm.num_features == x.shape[1]))
+            and channels == first.in_channels and first.out_channels == norm.num_features == second.in_channels
+            and (input_norm is None or input_norm.num_features == channels))
 
 
 def _is_pointwise(conv: nn.Module, dtype: torch.dtype) -> bool:
@@ -104,17 +114,19 @@ def _running_stats_factor(norm: _BatchNorm) -> Optional[float]:
 
 
 class _Blocks:
-    """Blocks of rows of a (P, C) pixel matrix; per-column sums as GEMMs; and, once :meth:`with_first_conv` has set
-    its weights, the first 1x1 conv + GELU of a block into reused buffers (``U``, ``A``)."""
+    """Blocks of rows of (P, C_i) pixel matrices (the parts of the input's channels); per-column sums as GEMMs; and,
+    once :meth:`with_first_conv` has set its weights, the first 1x1 conv + GELU of a block into reused buffers
+    (``U``, ``A``)."""
 
-    def __init__(self, pixels: torch.Tensor, block: int):
-        self.pixels, self.n = pixels, pixels.shape[0]
+    def __init__(self, pixels: Sequence[torch.Tensor], block: int):
+        self.pixels, self.n = list(pixels), pixels[0].shape[0]
         self.block = min(block, self.n)
-        self.ones = pixels.new_ones(1, self.block)
+        self.ones = pixels[0].new_ones(1, self.block)
 
     def with_first_conv(self, w1t: torch.Tensor, b1: torch.Tensor, approximate: str, extra_buffers: int = 0):
-        self.w1t, self.b1, self.approximate = w1t, b1, approximate
-        self.u, self.a, *self.extra = [self.pixels.new_empty(self.block, w1t.shape[1])
+        self.w1t_parts = w1t.split([p.shape[1] for p in self.pixels])
+        self.b1, self.approximate = b1, approximate
+        self.u, self.a, *self.extra = [self.pixels[0].new_empty(self.block, w1t.shape[1])
                                        for _ in range(2 + extra_buffers)]
         return self
 
@@ -123,7 +135,9 @@ class _Blocks:
 
     def activated(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
         u, a = self.u[:stop - start], self.a[:stop - start]
-        torch.addmm(self.b1, self.pixels[start:stop], self.w1t, out=u)
+        torch.addmm(self.b1, self.pixels[0][start:stop], self.w1t_parts[0], out=u)
+        for pixels, w1t in zip(self.pixels[1:], self.w1t_parts[1:]):
+            u.addmm_(pixels[start:stop], w1t)
         torch.ops.aten.gelu.out(u, approximate=self.approximate, out=a)
         return u, a
 
@@ -171,19 +185,23 @@ def _norm_backward_coefficients(scale, invstd, mean, grad_beta, grad_gamma, n):
 class _PointwisePair(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, gamma, beta, running_mean, running_var, factor, eps,
-                gamma0, beta0, running_mean0, running_var0, factor0, eps0, approximate, block):
-        pixels = x.movedim(1, -1).reshape(-1, x.shape[1])  # a view: x is channels-last dense
-        n = pixels.shape[0]
+    def forward(ctx, w1, b1, w2, b2, gamma, beta, running_mean, running_var, factor, eps,
+                gamma0, beta0, running_mean0, running_var0, factor0, eps0, approximate, block, *parts):
+        x = parts[0]
+        pixels = [p.movedim(1, -1).reshape(-1, p.shape[1]) for p in parts]  # views: the parts are channels-last dense
+        n = pixels[0].shape[0]
         w1m, w2m = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
         blocks = _Blocks(pixels, block)
         has_input_norm = gamma0 is not None
         if has_input_norm:  # forward 0: fold the input BatchNorm into the first conv
-            copy = pixels.new_empty(blocks.block, pixels.shape[1])
-            x_blocks = (copy[:stop - start].copy_(pixels[start:stop]) for start, stop in blocks.ranges())
-            mean0, invstd0, scale0, shift0 = _batch_norm_folding(_moments(x_blocks, blocks.column_sum, n), n, gamma0,
-                                                                 beta0, running_mean0, running_var0, factor0, eps0,
-                                                                 x.dtype)
+            moments = []
+            for part in pixels:
+                copy = part.new_empty(blocks.block, part.shape[1])
+                x_blocks = (copy[:stop - start].copy_(part[start:stop]) for start, stop in blocks.ranges())
+                moments.append(_moments(x_blocks, blocks.column_sum, n))
+            moments = tuple(torch.cat(m) for m in zip(*moments))
+            mean0, invstd0, scale0, shift0 = _batch_norm_folding(moments, n, gamma0, beta0, running_mean0,
+                                                                 running_var0, factor0, eps0, x.dtype)
             w1f, b1f = w1m * scale0, b1 + w1m @ shift0
         else:
             mean0 = invstd0 = scale0 = shift0 = None
@@ -198,16 +216,20 @@ class _PointwisePair(torch.autograd.Function):
         for start, stop in blocks.ranges():
             torch.addmm(b2f, blocks.activated(start, stop)[1], w2f_t, out=out_pixels[start:stop])
 
-        ctx.save_for_backward(x, w1, w1f, b1f, w2, mean, invstd, scale, shift,
+        ctx.save_for_backward(*parts, w1, w1f, b1f, w2, mean, invstd, scale, shift,
                               *((mean0, invstd0, scale0, shift0) if has_input_norm else ()))
-        ctx.approximate, ctx.block = approximate, block
+        ctx.approximate, ctx.block, ctx.num_parts = approximate, block, len(parts)
         return out.movedim(-1, 1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w1, w1f, b1f, w2, mean, invstd, scale, shift, *input_norm = ctx.saved_tensors
-        pixels = x.movedim(1, -1).reshape(-1, x.shape[1])
-        n = pixels.shape[0]
+        saved = ctx.saved_tensors
+        parts = saved[:ctx.num_parts]
+        w1, w1f, b1f, w2, mean, invstd, scale, shift, *input_norm = saved[ctx.num_parts:]
+        x = parts[0]
+        pixels = [p.movedim(1, -1).reshape(-1, p.shape[1]) for p in parts]
+        widths = [p.shape[1] for p in pixels]
+        n = pixels[0].shape[0]
         w2m = w2.reshape(w2.shape[0], -1)
         dout = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])  # copies only if not channels-last dense
         blocks = _Blocks(pixels, ctx.block).with_first_conv(w1f.t(), b1f, ctx.approximate, extra_buffers=1)
@@ -224,9 +246,10 @@ class _PointwisePair(torch.autograd.Function):
         k1, k2 = _norm_backward_coefficients(scale, invstd, mean, grad_beta, grad_gamma, n)
         w2f = w2m * scale
 
-        grad_x = x.new_empty(x.movedim(1, -1).shape)  # backward 2
-        grad_x_pixels = grad_x.view(-1, grad_x.shape[-1])
+        grad_parts = [p.new_empty(p.movedim(1, -1).shape) for p in parts]  # backward 2
+        grad_pixels = [g.view(-1, g.shape[-1]) for g in grad_parts]
         grad_w1f = torch.zeros_like(w1f)
+        grad_w1f_parts, w1f_parts = grad_w1f.split(widths, dim=1), w1f.split(widths, dim=1)
         grad_b1 = torch.zeros(w1f.shape[0], dtype=torch.float64)
         for start, stop in blocks.ranges():
             u, a = blocks.activated(start, stop)
@@ -234,9 +257,10 @@ class _PointwisePair(torch.autograd.Function):
             torch.addmm(k1, dout[start:stop], w2f, out=da)
             du = torch.ops.aten.gelu_backward.grad_input(da.addcmul_(a, k2), u, approximate=ctx.approximate,
                                                          grad_input=a)
-            grad_w1f.addmm_(du.t(), pixels[start:stop])
             grad_b1 += blocks.column_sum(du)
-            torch.mm(du, w1f, out=grad_x_pixels[start:stop])
+            for part, grad_w, w, grad in zip(pixels, grad_w1f_parts, w1f_parts, grad_pixels):
+                grad_w.addmm_(du.t(), part[start:stop])
+                torch.mm(du, w, out=grad[start:stop])
         grad_b1 = grad_b1.to(x.dtype)
 
         if input_norm:  # the input BatchNorm's backward; the first conv's gradients w.r.t. its unfolded weights
@@ -245,15 +269,16 @@ class _PointwisePair(torch.autograd.Function):
             grad_beta0 = grad_b1 @ w1m
             grad_gamma0 = ((w1m * grad_w1f).sum(0) - mean0 * grad_beta0) * invstd0
             k1_0, k2_0 = _norm_backward_coefficients(scale0, invstd0, mean0, grad_beta0, grad_gamma0, n)
-            # grad_x holds dz0 * scale0 (the folded conv's input gradient)
-            for start, stop in blocks.ranges():
-                grad_x_pixels[start:stop].addcmul_(pixels[start:stop], k2_0).add_(k1_0)
+            # the parts' gradients hold dz0 * scale0 (the folded conv's input gradient)
+            for part, grad, k1_part, k2_part in zip(pixels, grad_pixels, k1_0.split(widths), k2_0.split(widths)):
+                for start, stop in blocks.ranges():
+                    grad[start:stop].addcmul_(part[start:stop], k2_part).add_(k1_part)
             grad_w1 = grad_w1f * scale0 + torch.outer(grad_b1, shift0)
         else:
             grad_w1, grad_gamma0, grad_beta0 = grad_w1f, None, None
-        return (grad_x.movedim(-1, 1), grad_w1.reshape(w1.shape), grad_b1, grad_w2.reshape(w2.shape), dout_sum,
-                grad_gamma, grad_beta, None, None, None, None, grad_gamma0, grad_beta0, None, None, None, None, None,
-                None)
+        return (grad_w1.reshape(w1.shape), grad_b1, grad_w2.reshape(w2.shape), dout_sum, grad_gamma, grad_beta,
+                None, None, None, None, grad_gamma0, grad_beta0, None, None, None, None, None, None,
+                *(g.movedim(-1, 1) for g in grad_parts))
 
 
 def scalar_prelu(x: torch.Tensor, weight: torch.Tensor, in_place: bool = False) -> Optional[torch.Tensor]:

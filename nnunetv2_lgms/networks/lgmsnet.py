@@ -170,7 +170,8 @@ class LGMSNet(GraphedInference, nn.Module):
     BatchNorms, fuses activations into oneDNN convs, runs the decoder's 1x1 stacks block by block and never forms
     the decoder's ``[skip, up]`` concatenation (:mod:`nnunetv2_lgms.networks.cpu_inference`, :class:`FusionConv`).
     In training, FusionConv's BatchNorm -> 1x1 -> GELU -> BatchNorm -> 1x1 runs as one blockwise autograd function
-    that never stores the 4x-wide map (:mod:`nnunetv2_lgms.networks.cpu_training`); in both modes the LMS block's
+    that never stores the 4x-wide map (:mod:`nnunetv2_lgms.networks.cpu_training`), on ``[skip, up]`` as parts
+    (no concatenation, one dense conv per part); in both modes the LMS block's
     four depthwise convs run as one (:class:`LocalMultiscaleBlock`). Gains, paths off against on:
     results/speed_cpu/speed_paths.md. The 3D network runs channels-last too: its InstanceNorms keep the layout
     (:class:`~nnunetv2_lgms.networks.blocks.LayoutKeepingInstanceNorm3d`; ``nn.InstanceNorm`` would copy to NCDHW),
