@@ -6,6 +6,7 @@ smaller plans also run a real CPU forward. Real CPU forwards at 128^3 and 40x224
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunetv2_lgms.flops import count_flops
 from nnunetv2_lgms.networks import swin
 from nnunetv2_lgms.networks.glims import GLIMS, glims_deep_supervision_scales, glims_strides
 from nnunetv2_lgms.networks.glims_blocks import CSAB, DACB, depthwise_conv_cpu
@@ -254,6 +256,44 @@ def test_csab_spatial_gate_faithful_is_constant_and_fix_works(conv_op, spatial):
     fixed(x).square().sum().backward()
     assert fixed.spatial_conv.weight.grad.abs().sum() > 0
     assert torch.unique(fixed.spatial_gate(x)).numel() > 1
+
+
+@pytest.mark.parametrize("conv_op, spatial", [(nn.Conv3d, (6, 7, 5)), (nn.Conv2d, (12, 10))])
+@pytest.mark.parametrize("grad", [True, False])
+def test_csab_constant_spatial_gate_shortcut_equals_the_full_computation(conv_op, spatial, grad):
+    """The faithful gate computed as sigmoid(PReLU(LayerNorm bias)) without the conv: output, input gradient and every
+    parameter gradient (exact zeros, not None, for the conv and the LayerNorm weight) of the full computation."""
+    torch.manual_seed(0)
+    fast = CSAB(conv_op, 8).double()
+    with torch.no_grad():
+        fast.spatial_norm.bias.fill_(-0.3)  # negative: the PReLU slope matters
+        fast.spatial_act.weight.fill_(-0.4)
+    plain = copy.deepcopy(fast)
+    plain.skip_constant_spatial_gate = False
+    x = torch.randn(2, 8, *spatial, dtype=torch.float64)
+    results = []
+    for module in (fast, plain):
+        xi = x.clone().requires_grad_(grad)
+        calls = []
+        hook = module.spatial_conv.register_forward_hook(lambda *a: calls.append(1))
+        with torch.set_grad_enabled(grad):
+            out = module(xi)
+        hook.remove()
+        assert len(calls) == (0 if module is fast else 1)
+        assert module.spatial_gate(xi).shape == (2, 1, *spatial)
+        if grad:
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            results.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()])
+        else:
+            results.append([out])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if grad:
+        assert torch.count_nonzero(fast.spatial_conv.weight.grad) == 0
+        assert torch.count_nonzero(fast.spatial_norm.weight.grad) == 0
+        assert fast.spatial_norm.bias.grad.abs().sum() > 0 and fast.spatial_act.weight.grad.abs().sum() > 0
+    # FLOP counts keep the architecture's conv
+    assert count_flops(fast.float(), (2, 8, *spatial)) == count_flops(plain.float(), (2, 8, *spatial)) > 0
 
 
 def test_spatial_gate_dead_in_full_network_backward():

@@ -22,7 +22,7 @@ from torch import nn
 from nnunetv2_lgms.benchmark.tables import markdown_table
 from nnunetv2_lgms.networks.blocks import ConvNormAct, LayoutKeepingInstanceNorm, ScalarPReLU
 from nnunetv2_lgms.networks.glims import GLIMSDecoder
-from nnunetv2_lgms.networks.glims_blocks import DACB, StridedConvINPReLU
+from nnunetv2_lgms.networks.glims_blocks import CSAB, DACB, StridedConvINPReLU
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
 
@@ -52,6 +52,8 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
         if isinstance(m, DACB):
             m.fast_inference = False
             m.fast_depthwise_backward = False
+        if isinstance(m, CSAB):
+            m.skip_constant_spatial_gate = False
         if isinstance(m, StridedConvINPReLU):
             m.norm_in_place = False
         if isinstance(m, ScalarPReLU):
