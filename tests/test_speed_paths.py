@@ -3,6 +3,7 @@ to float64 precision and, in float32 (other kernels, other summation order), wit
 tensor's magnitude. The plain path is the same module with the speed switch off."""
 import collections
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -387,6 +388,56 @@ def test_lgmsnet_inference_without_autograd_equals_plain_network(dim, patch, str
         assert counts["aten::addmm.out"] >= (2 * 3 if dim == 2 else 3)
         assert counts["aten::addmm_"] >= 3
     assert counts["aten::gelu_"] >= 3  # the LMS blocks' in-place GELU
+
+
+@pytest.mark.parametrize("size", [(3, 3), (5, 7), (8, 6), (16, 16)])
+def test_upconv_subpixel_inference_equals_upsample_then_conv(size):
+    """2D CPU inference: bilinear x2 upsampling + 3x3 conv + folded BatchNorm + ReLU as one conv with four output
+    phases of the low-resolution map, border rows and columns recomputed from strips; equal to the plain path (sizes
+    down to 3, where the strips overlap), against float64, and it runs without the full-size upsampling."""
+    from nnunetv2_lgms.networks.lgms_blocks import UpConv, subpixel_kernel
+    torch.manual_seed(0)
+    block = UpConv(nn.Conv2d, 6, 5, nn.BatchNorm2d)
+    randomise_norm_statistics(block)
+    block.eval()
+    x = torch.randn(2, 6, *size).contiguous(memory_format=torch.channels_last)
+    target = tuple(2 * s for s in size)
+    exact = plain_copy(block).double()(x.double(), target)
+    sizes = []
+    real = torch.nn.functional.interpolate
+    with torch.no_grad():
+        with mock.patch("torch.nn.functional.interpolate",
+                        lambda t, *a, **k: sizes.append(tuple(k["size"])) or real(t, *a, **k)):
+            out = block(x, target)
+        plain = plain_copy(block)(x, target)
+    assert out.shape == (2, 5, *target) and out.is_contiguous(memory_format=torch.channels_last)
+    h, w = target
+    assert sizes == [(6, w), (6, w), (h, 6), (h, 6)]  # only the 3-wide strips were upsampled
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    # the phase kernels: a delta kernel (identity conv) gives the bilinear weights themselves
+    delta = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    delta[0, 0, 1, 1] = 1
+    phases = subpixel_kernel(delta)[:, 0]
+    assert torch.equal(phases[0], torch.outer(torch.tensor([.25, .75, 0.], dtype=torch.float64),
+                                              torch.tensor([.25, .75, 0.], dtype=torch.float64)))
+    assert torch.equal(phases[3], torch.outer(torch.tensor([0., .75, .25], dtype=torch.float64),
+                                              torch.tensor([0., .75, .25], dtype=torch.float64)))
+
+
+def test_upconv_subpixel_declines_where_it_does_not_apply():
+    from nnunetv2_lgms.networks.lgms_blocks import UpConv
+    block = UpConv(nn.Conv2d, 4, 4, nn.BatchNorm2d).eval()
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert block._subpixel_forward(x, (12, 12)) is not None
+        assert block._subpixel_forward(x, (6, 12)) is None  # a stride of 1 on one axis
+        assert block._subpixel_forward(x[:, :, :2], (4, 12)) is None  # too small for the border strips
+        assert block._subpixel_forward(x.double(), (12, 12)) is None
+        assert block._subpixel_forward(x.contiguous(), (12, 12)) is None  # not channels-last
+    assert block._subpixel_forward(x, (12, 12)) is None  # autograd on
+    with torch.no_grad():
+        assert block.train()._subpixel_forward(x, (12, 12)) is None  # batch statistics: nothing to fold
 
 
 def test_sparse_transformer_keeps_channels_last():

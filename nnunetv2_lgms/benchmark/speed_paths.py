@@ -23,7 +23,7 @@ from nnunetv2_lgms.benchmark.tables import markdown_table
 from nnunetv2_lgms.networks.blocks import ConvNormAct, LayoutKeepingInstanceNorm, ScalarPReLU
 from nnunetv2_lgms.networks.glims import GLIMSDecoder
 from nnunetv2_lgms.networks.glims_blocks import CSAB, DACB, StridedConvINPReLU
-from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock
+from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock, UpConv
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
 
 
@@ -47,6 +47,8 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.in_place_training_sums = False
             m.merged_depthwise = False
             m.fast_depthwise_backward = False
+        if isinstance(m, UpConv):
+            m.subpixel_inference = False
         if isinstance(m, LGMSNet):
             m.cpu_channels_last = False
         if isinstance(m, DACB):

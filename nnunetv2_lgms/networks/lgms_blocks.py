@@ -13,7 +13,8 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 
 from nnunetv2_lgms.flops import is_counting_flops
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch_norm_for, conv_then,
-                                           derived_for_inference, foldable_batch_norm, in_memory_format_of,
+                                           derived_for_inference, fold_batch_norm_after, foldable_batch_norm,
+                                           in_memory_format_of,
                                            interpolate_to, norm_act_on_fresh, restrict_kernel, same_padding,
                                            to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused, is_compiling,
@@ -372,7 +373,19 @@ class UpConv(nn.Module):
     """Linear upsampling to the skip's size, then 3x3 conv (bias) + norm + ReLU. ``(B, C_in, *s) -> (B, C_out, *S)``.
 
     The official code upsamples by a fixed factor 2; resizing to the skip's size is identical for factor 2 and also
-    serves nnU-Net's per-axis strides such as (1, 2, 2)."""
+    serves nnU-Net's per-axis strides such as (1, 2, 2).
+
+    Speed (``subpixel_inference``): in 2D CPU inference (no autograd, float32, channels-last, size doubled on both
+    axes, the BatchNorm folded), the upsampling and the conv run as one conv of the low-resolution map with four
+    output phases ("sub-pixel" conv): bilinear x2 upsampling (``align_corners=False``) is, away from the border,
+    ``0.25 / 0.75`` weights on the three nearest input rows, so each output phase ``(2i + p, 2j + q)`` is a 3x3 conv
+    of the input with the kernel ``M_p W M_q^T`` (:func:`subpixel_kernel`). Same FLOPs, but no 4x-sized upsampled map
+    and a wider conv on a smaller map. The two outermost output rows and columns on each side, where the upsampling
+    clamps and the conv pads, are recomputed exactly from thin strips. At nnU-Net's 2D plan (batch 12) the level-0
+    UpConv (32 x 128 x 128 in) took 67.6 ms against 81.5 ms, level 1 43.9 against 49.8 ms (medians of 8, 2 cores).
+    """
+
+    subpixel_inference: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, norm_op: Type[nn.Module],
                  norm_kwargs: Optional[dict] = None, plan_kernel: Optional[Sequence[int]] = None):
@@ -382,4 +395,52 @@ class UpConv(nn.Module):
                                 nn.ReLU, bias=True, norm_kwargs=norm_kwargs)
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return self.conv(interpolate_to(x, size))
+        y = self._subpixel_forward(x, size) if self.subpixel_inference else None
+        return self.conv(interpolate_to(x, size)) if y is None else y
+
+    def _subpixel_forward(self, x: torch.Tensor, size: Sequence[int]) -> Optional[torch.Tensor]:
+        conv, norm, act = self.conv
+        if not (x.ndim == 4 and tuple(size) == tuple(2 * s for s in x.shape[2:]) and min(x.shape[2:]) >= 3
+                and x.device.type == "cpu" and x.dtype == torch.float32 and can_overwrite_intermediates(x)
+                and pixels_dense(x) and not is_counting_flops() and type(act) is nn.ReLU
+                and not self.training and not norm.training and self.conv.norm_follows_conv
+                and self.conv.fold_batch_norm and foldable_batch_norm(norm)
+                and tuple(conv.kernel_size) == (3, 3) and tuple(conv.padding) == (1, 1)
+                and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros"):
+            return None
+        (weight, bias), (phase_weight, phase_bias) = derived_for_inference(self, self._subpixel_weights)
+        phases = conv_act_fused(conv, x, phase_weight, phase_bias, act)  # (B, 4 C_out, h, w): (p, q, c) channels
+        if phases is None:
+            return None
+        b, (h, w), c = x.shape[0], x.shape[2:], weight.shape[0]
+        out = torch.empty((b, c, 2 * h, 2 * w), dtype=x.dtype, memory_format=torch.channels_last)
+        out.permute(0, 2, 3, 1).view(b, h, 2, w, 2, c).copy_(
+            phases.permute(0, 2, 3, 1).reshape(b, h, w, 2, 2, c).permute(0, 1, 3, 2, 4, 5))
+        # the outermost two output rows and columns, exactly: the plain path on 3-wide strips of the input (the
+        # strips' outer two outputs see the true clamping of the upsampling and the conv's zero padding)
+        def strip(part, size):
+            return F.relu_(F.conv2d(interpolate_to(part, size), weight, bias, padding=1))
+
+        out[:, :, :2] = strip(x[:, :, :3], (6, 2 * w))[:, :, :2]
+        out[:, :, -2:] = strip(x[:, :, -3:], (6, 2 * w))[:, :, -2:]
+        out[:, :, :, :2] = strip(x[:, :, :, :3], (2 * h, 6))[:, :, :, :2]
+        out[:, :, :, -2:] = strip(x[:, :, :, -3:], (2 * h, 6))[:, :, :, -2:]
+        return out
+
+    def _subpixel_weights(self):
+        conv, norm, _ = self.conv
+        weight, bias = fold_batch_norm_after(conv, norm)
+        return (weight, bias), (subpixel_kernel(weight), bias.repeat(4))
+
+
+#: rows a (input offset i - 1 + a), columns t (conv tap): the input weights of upsampled row 2i + p + t - 1
+_BILINEAR_X2_PHASES = torch.tensor([[[0.75, 0.25, 0.0], [0.25, 0.75, 0.75], [0.0, 0.0, 0.25]],
+                                    [[0.25, 0.0, 0.0], [0.75, 0.75, 0.25], [0.0, 0.25, 0.75]]])
+
+
+def subpixel_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """``(C_out, C_in, 3, 3)`` conv applied after bilinear x2 upsampling -> ``(4 C_out, C_in, 3, 3)`` kernels on the
+    low-resolution map, output channels ordered (row phase, column phase, C_out), valid away from the border."""
+    m = _BILINEAR_X2_PHASES.to(weight)
+    return torch.einsum("pat,qbs,octs->pqocab", m, m, weight).reshape(4 * weight.shape[0], *weight.shape[1:])
