@@ -1,7 +1,7 @@
 """Median GLIMS training step (SGD, a mean over every deep-supervision output) at a speed-report plan, after one
 warm-up step; prints the checkout it imported. For comparing two checkouts in alternating processes::
 
-    git worktree add /tmp/old 3afeed6   # the code before the fifth CPU session's GLIMS changes
+    git worktree add /tmp/old 3afeed6   # before the fifth CPU session; the log: the working tree at 6ab9f29
     for round in 1 2; do for preset in 2d-256 hippocampus-3d; do
       (cd /tmp && PYTHONPATH=/tmp/old python $OLDPWD/results/speed_cpu/glims_step.py $preset 2)
       (cd /tmp && python $OLDPWD/results/speed_cpu/glims_step.py $preset 2)
