@@ -90,10 +90,16 @@ def pointwise_pair_applies(parts: Sequence[torch.Tensor], first: _ConvNd, act: n
 
 
 def _is_pointwise(conv: nn.Module, dtype: torch.dtype) -> bool:
-    return (isinstance(conv, _ConvNd) and not conv.transposed and conv.groups == 1 and conv.bias is not None
+    """A plain 1x1 conv (:func:`_is_plain_pointwise`) with a bias."""
+    return _is_plain_pointwise(conv, dtype) and conv.bias is not None
+
+
+def _is_plain_pointwise(conv: nn.Module, dtype: torch.dtype) -> bool:
+    """A 1x1 conv module: stride 1, no padding, one group, not transposed, parameters of ``dtype``."""
+    return (isinstance(conv, _ConvNd) and not conv.transposed and conv.groups == 1
             and conv.weight.shape[2:].numel() == 1 and all(s == 1 for s in conv.stride)
             and not isinstance(conv.padding, str) and all(p == 0 for p in conv.padding)
-            and conv.weight.dtype == dtype)
+            and conv.weight.dtype == dtype and (conv.bias is None or conv.bias.dtype == dtype))
 
 
 def _norm_args(norm: _BatchNorm):
@@ -343,14 +349,6 @@ def pointwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     else:
         y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(b, -1, pixels), weight, columns)
     return y.view(b, conv.out_channels, *x.shape[2:])
-
-
-def _is_plain_pointwise(conv: nn.Module, dtype: torch.dtype) -> bool:
-    return (isinstance(conv, _ConvNd) and not conv.transposed and conv.groups == 1
-            and conv.weight.shape[2:].numel() == 1 and all(s == 1 for s in conv.stride)
-            and not isinstance(conv.padding, str) and all(p == 0 for p in conv.padding)
-            and conv.padding_mode == "zeros" and conv.weight.dtype == dtype
-            and (conv.bias is None or conv.bias.dtype == dtype))
 
 
 class _ScalarPReLUInPlace(torch.autograd.Function):
