@@ -440,6 +440,8 @@ def test_upconv_subpixel_declines_where_it_does_not_apply():
     assert block._subpixel_forward(x, (12, 12)) is None  # autograd on
     with torch.no_grad():
         assert block.train()._subpixel_forward(x, (12, 12)) is None  # batch statistics: nothing to fold
+        no_norm = UpConv(nn.Conv2d, 4, 4, None).eval()
+        assert no_norm._subpixel_forward(x, (12, 12)) is None and no_norm(x, (12, 12)).shape == (1, 4, 12, 12)
 
 
 def test_sparse_transformer_keeps_channels_last():

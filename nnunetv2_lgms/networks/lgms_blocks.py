@@ -399,6 +399,8 @@ class UpConv(nn.Module):
         return self.conv(interpolate_to(x, size)) if y is None else y
 
     def _subpixel_forward(self, x: torch.Tensor, size: Sequence[int]) -> Optional[torch.Tensor]:
+        if len(self.conv) != 3:  # (built without a norm)
+            return None
         conv, norm, act = self.conv
         if not (x.ndim == 4 and tuple(size) == tuple(2 * s for s in x.shape[2:]) and min(x.shape[2:]) >= 3
                 and x.device.type == "cpu" and x.dtype == torch.float32 and can_overwrite_intermediates(x)
