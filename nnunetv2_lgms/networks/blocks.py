@@ -73,7 +73,7 @@ class LayoutKeepingInstanceNorm:
             if self.keep_channels_last and is_channels_last(x):
                 y = group_norm_channels_last(x, x.shape[1], self.weight, self.bias, self.eps)
             elif (self.group_norm_training and torch.is_grad_enabled() and x.device.type == "cpu"
-                  and x.is_contiguous() and x.shape[2:].numel() > 1):
+                  and not torch.is_autocast_enabled("cpu") and x.is_contiguous() and x.shape[2:].numel() > 1):
                 y = nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
         return super().forward(x) if y is None else y
 
