@@ -21,6 +21,20 @@ def close(a, b, scale, msg=None):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-4 * scale, msg=msg)
 
 
+def conv_results_fast_and_plain(conv, x, fast_fn):
+    """[output, input gradient, parameter gradients] of ``fast_fn(conv, x)`` (which must apply) and of ``conv(x)``,
+    under a position-dependent loss."""
+    results = []
+    for fast in (True, False):
+        xi = x.clone().requires_grad_(True)
+        conv.zero_grad()
+        y = fast_fn(conv, xi) if fast else conv(xi)
+        assert y is not None
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=x.dtype).view_as(y))
+        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in conv.parameters()])
+    return results
+
+
 def magnitude(t: torch.Tensor) -> float:
     return float(t.detach().abs().max()) or 1.0
 
@@ -319,14 +333,7 @@ def test_depthwise_conv_equals_the_conv_forward_and_backward(dtype, channels_las
     x = torch.randn((2, 4, 11, 8, 9)[:dim + 2], dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last if dim == 2 else torch.channels_last_3d)
-    results = []
-    for fast in (True, False):
-        xi = x.clone().requires_grad_(True)
-        conv.zero_grad()
-        y = cpu_training.depthwise_conv_module(conv, xi) if fast else conv(xi)
-        assert y is not None
-        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
-        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in conv.parameters()])
+    results = conv_results_fast_and_plain(conv, x, cpu_training.depthwise_conv_module)
     for a, b in zip(*results):
         close(a, b, magnitude(b))
     assert len(results[0]) == (4 if bias else 3)
@@ -446,15 +453,8 @@ def test_pointwise_conv_equals_the_conv_forward_and_backward(dtype, shape, bias)
     torch.manual_seed(0)
     conv = (nn.Conv2d if len(shape) == 4 else nn.Conv3d)(shape[1], 7, 1, bias=bias).to(dtype)
     x = torch.randn(shape, dtype=dtype)
-    results = []
-    for fast in (True, False):
-        xi = x.clone().requires_grad_(True)
-        conv.zero_grad()
-        y = cpu_training.pointwise_conv(conv, xi) if fast else conv(xi)
-        assert y is not None
-        assert y.shape == (shape[0], 7, *shape[2:])
-        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
-        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in conv.parameters()])
+    results = conv_results_fast_and_plain(conv, x, cpu_training.pointwise_conv)
+    assert results[0][0].shape == (shape[0], 7, *shape[2:])
     assert len(results[0]) == (4 if bias else 3)
     for a, b in zip(*results):
         close(a, b, magnitude(b))
