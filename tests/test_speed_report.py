@@ -120,3 +120,15 @@ def test_cuda_graph_modes_of_the_profiled_networks(tmp_path, clean_nnunet_env, m
     assert _Subject("nnUNetTrainerLGMSNet", ctx, cpu).eval_net.cuda_graph_inference is True
     with pytest.raises(synthetic_plans.BenchmarkError, match="cuda_graphs must be one of default, all, off"):
         ProfileSettings(cuda_graphs="on")
+
+
+def test_cpu_description_names_the_model_and_the_vector_isa(tmp_path, monkeypatch):
+    import torch
+    from nnunetv2_lgms.benchmark.profiling import cpu_description, environment
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu\n")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu_description(str(cpuinfo)) == "AMD EPYC 7B13, AVX2"
+    # no /proc/cpuinfo (macOS, Windows): the platform's name, still with the ISA
+    assert cpu_description(str(tmp_path / "missing")).endswith(", AVX2")
+    assert environment(torch.device("cpu"))["device_name"].endswith(", AVX2")

@@ -385,6 +385,23 @@ def memory_method(device: torch.device) -> str:
             "CPU allocations during the step (torch.profiler memory events); tensor memory, not process RSS")
 
 
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else the platform's machine name) and the vector instruction
+    set PyTorch's CPU kernels use, e.g. ``AMD EPYC, AVX2``. CPU timing ratios differ between hosts (results/speed_cpu,
+    run 14), so a report names its host."""
+    import platform
+
+    name = ""
+    try:
+        with open(cpuinfo) as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return f"{name}, {capability}" if capability else name
+
+
 def environment(device: torch.device) -> dict:
     import platform
     import os
@@ -396,7 +413,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     else:
-        env["device_name"] = platform.processor() or platform.machine()
+        env["device_name"] = cpu_description()
     try:
         from importlib.metadata import version
         env["nnunetv2_version"] = version("nnunetv2")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -19,7 +18,8 @@ from nnunetv2_lgms.flops import is_counting_flops
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, ScalarPReLU, as_tuple, instance_norm_for, layout_keeping,
                                            norm_act_on_fresh, restrict_kernel, same_padding, to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import can_overwrite_intermediates
-from nnunetv2_lgms.networks.cpu_training import depthwise_conv, depthwise_conv_module
+from nnunetv2_lgms.networks.cpu_training import depthwise_conv_module
+from nnunetv2_lgms.networks.sub_grids import dilated_depthwise_conv, sub_grid_dilation
 
 
 def conv_in_prelu(conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size=1) -> ConvNormAct:
@@ -61,37 +61,21 @@ class StridedConvINPReLU(nn.Sequential):
 def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd, fast_backward: bool = True) -> torch.Tensor:
     """``conv(x)`` for a depthwise 'same'-padded (dilated) conv, computed in a form that is fast on CPU.
 
-    oneDNN's CPU kernels for dilated depthwise convs are pathologically slow on contiguous inputs (forward and
-    backward of a 3x3x3, dilation-2 conv on 2x24x40x56x40: ~15 s and ~25 s). A channels-last input makes the forward
-    fast (~0.1 s) but not the backward, so when gradients are needed the conv is computed as an undilated conv on the
-    ``d`` interleaved sub-grids of the padded input ("space to batch"; backward ~0.2 s). Same weights, same result
-    up to float rounding; used only on CPU. Without gradients (inference, FLOP counting) it is the plain conv on a
-    channels-last input, so FLOP counts are those of the dilated conv. With gradients and ``fast_backward`` the
-    undilated convs compute their input gradient as a forward conv (:func:`depthwise_conv`).
+    oneDNN's CPU kernels for dilated depthwise convs are slow, pathologically so on contiguous inputs and in the
+    backward (a 3x3x3, dilation-2 conv on 2x24x40x56x40: ~15 s forward, ~25 s backward). So a dilated conv runs as an
+    undilated conv on its interleaved sub-grids (:mod:`~nnunetv2_lgms.networks.sub_grids`, "space to batch"; same
+    result), the output in the input's memory format; an undilated one on a channels-last input. While FLOPs are
+    counted it is the plain conv on a channels-last input, so FLOP counts are those of the dilated conv. With
+    gradients and ``fast_backward`` the undilated convs compute their input gradient as a forward conv
+    (:func:`depthwise_conv`).
     """
-    b, c, *size = x.shape
-    kernel = conv.weight.shape[2:]
-    dil = [d if k > 1 else 1 for d, k in zip(conv.dilation, kernel)]
+    dilation = None if is_counting_flops() else sub_grid_dilation(conv, x)
+    if dilation is not None:
+        return dilated_depthwise_conv(conv, x, dilation, fast_backward)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-    if all(d == 1 for d in dil) or not needs_grad:
-        x = to_channels_last(x)
-        y = depthwise_conv_module(conv, x) if fast_backward and needs_grad else None
-        return conv(x) if y is None else y
-    dims = len(size)
-    padded = [-(-(s + 2 * p) // d) * d for s, p, d in zip(size, conv.padding, dil)]
-    pads = [(p, t - s - p) for s, p, t in zip(size, conv.padding, padded)]
-    x = F.pad(x, [v for pair in reversed(pads) for v in pair])
-    n = [t // d for t, d in zip(padded, dil)]
-    x = x.view(b, c, *[v for pair in zip(n, dil) for v in pair])  # B, C, n0, d0, n1, d1, ...
-    x = x.permute(0, *range(3, 2 * dims + 2, 2), 1, *range(2, 2 * dims + 2, 2)).reshape(-1, c, *n)
     x = to_channels_last(x)
-    y = depthwise_conv(x, conv.weight, conv.bias, [0] * dims, [1] * dims) if fast_backward else None
-    if y is None:
-        y = (F.conv2d if dims == 2 else F.conv3d)(x, conv.weight, conv.bias, groups=conv.groups)
-    m = list(y.shape[2:])  # n - (k - 1) per axis
-    y = y.view(b, *dil, c, *m).permute(0, dims + 1, *[v for i in range(dims) for v in (dims + 2 + i, 1 + i)])
-    y = y.reshape(b, c, *[a * d for a, d in zip(m, dil)])
-    return y[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
+    y = depthwise_conv_module(conv, x) if fast_backward and needs_grad else None
+    return conv(x) if y is None else y
 
 
 class DACB(nn.Module):
@@ -111,10 +95,16 @@ class DACB(nn.Module):
 
     Speed (``fast_depthwise_backward``): in CPU training the depthwise convs compute their input gradient as a
     forward conv (:func:`depthwise_conv_cpu`).
+
+    Speed (``sub_grid_inference``): in 3D CPU inference the dilated convs run as undilated convs on their interleaved
+    sub-grids (:mod:`~nnunetv2_lgms.networks.sub_grids`, as CPU training always does). At the Hippocampus plan's
+    level 0 (9 x 24 x 40 x 56 x 40) the dilation-2 and -3 convs took 171 and 152 ms against 598 and 333 ms
+    (channels-last, 2 cores of an AMD EPYC with AVX2).
     """
 
     fast_inference: bool = True
     fast_depthwise_backward: bool = True
+    sub_grid_inference: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, emb_dim: int,
                  plan_kernel: Optional[Sequence[int]] = None, dilations: Sequence[int] = (1, 2, 3)):
@@ -146,7 +136,7 @@ class DACB(nn.Module):
 
     def _forward_cpu_inference(self, x: torch.Tensor) -> torch.Tensor:
         x = to_channels_last(x)
-        branches = [norm_act_on_fresh(conv(x), [norm, act])
+        branches = [norm_act_on_fresh(self._depthwise_inference(conv, x), [norm, act])
                     for conv, norm, act in zip(self.dilated_convs, self.dilated_norms, self.dilated_acts)]
         first, second = self.compress
         y = first.forward_on_parts(branches)
@@ -154,6 +144,12 @@ class DACB(nn.Module):
         if y.dtype != x.dtype or y.stride() != x.stride():  # (float64, or a layout the GEMMs did not give)
             return self.act(self.norm(y + x))
         return norm_act_on_fresh(y.add_(x), [self.norm, self.act])
+
+    def _depthwise_inference(self, conv: _ConvNd, x: torch.Tensor) -> torch.Tensor:
+        # 3D only: in 2D oneDNN's dilated depthwise conv on a channels-last map was about as fast as the undilated
+        # one (level 0 of the 2D plan, 12 x 24 x 256 x 256: 46 against 35 ms; on sub-grids 121 ms)
+        dilation = sub_grid_dilation(conv, x) if self.sub_grid_inference and x.ndim == 5 else None
+        return conv(x) if dilation is None else dilated_depthwise_conv(conv, x, dilation)
 
 
 class CSAB(nn.Module):
