@@ -5,7 +5,8 @@ output voxel ``s`` reads the input at ``s + d * (a - h)``, i.e. only voxels of i
 residue class ``x[r::d]`` is convolved on its own, by the undilated kernel with padding ``h``. The ``prod(d)``
 classes, stacked along the batch axis, make one undilated depthwise conv. Classes shorter than ``ceil(S / d)`` are
 filled up at the end with zeros, exactly what the conv's zero padding reads there, and the outputs there are dropped.
-The result is the dilated conv's, bit for bit (the same products, summed in the same order by the same kernel).
+The products and sums are the dilated conv's (equal within float64 tolerance in the tests; identical in float32 at
+GLIMS's level 0).
 
 Why: oneDNN's CPU kernels for dilated depthwise convs are slow. At GLIMS's level 0 on the Hippocampus plan (9 x 24 x
 40 x 56 x 40, channels-last, no autograd, 2 cores of an AMD EPYC with AVX2) the 3x3x3 conv took 598 ms at dilation
