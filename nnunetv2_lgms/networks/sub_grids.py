@@ -131,14 +131,8 @@ def dilated_depthwise_conv(conv: _ConvNd, x: torch.Tensor, dilation: Sequence[in
     dilation = tuple(dilation)
     size, channels_last = tuple(x.shape[2:]), is_channels_last(x)
     padding = [(k - 1) // 2 for k in conv.weight.shape[2:]]
-    ones = [1] * len(size)
-    if not torch.is_grad_enabled():
-        stack = to_sub_grids(x, dilation)
-        y = F.conv2d(stack, conv.weight, conv.bias, 1, padding, 1, conv.groups) if x.ndim == 4 else \
-            F.conv3d(stack, conv.weight, conv.bias, 1, padding, 1, conv.groups)
-        return from_sub_grids(y, dilation, size, channels_last)
-    stack = _ToSubGrids.apply(x, dilation)
-    y = depthwise_conv(stack, conv.weight, conv.bias, padding, ones) if fast_backward else None
-    if y is None:
+    stack = _ToSubGrids.apply(x, dilation)  # (without autograd: just the copy)
+    y = depthwise_conv(stack, conv.weight, conv.bias, padding, [1] * len(size)) if fast_backward else None
+    if y is None:  # (no autograd, or not fast_backward)
         y = (F.conv2d if x.ndim == 4 else F.conv3d)(stack, conv.weight, conv.bias, 1, padding, 1, conv.groups)
     return _FromSubGrids.apply(y, dilation, size, channels_last)
