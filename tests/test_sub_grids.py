@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
 from nnunetv2_lgms.flops import count_flops
 from nnunetv2_lgms.networks import glims_blocks, sub_grids
 from nnunetv2_lgms.networks.blocks import is_channels_last, to_channels_last
@@ -129,4 +130,9 @@ def test_dacb_3d_inference_takes_the_sub_grid_path_and_matches_the_plain_conv(mo
         calls.clear()
         plain = block(x)
         assert not calls
+        disable_speed_paths(block)  # the reference path (fast_inference off too) is the plain conv as well
+        assert not block.sub_grid_inference
+        reference = block(x)
+        assert not calls
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference, plain, rtol=1e-5, atol=1e-5)

@@ -62,17 +62,18 @@ def depthwise_conv_cpu(x: torch.Tensor, conv: _ConvNd, fast_backward: bool = Tru
     """``conv(x)`` for a depthwise 'same'-padded (dilated) conv, computed in a form that is fast on CPU.
 
     oneDNN's CPU kernels for dilated depthwise convs are slow, pathologically so on contiguous inputs and in the
-    backward (a 3x3x3, dilation-2 conv on 2x24x40x56x40: ~15 s forward, ~25 s backward). So a dilated conv runs as an
-    undilated conv on its interleaved sub-grids (:mod:`~nnunetv2_lgms.networks.sub_grids`, "space to batch"; same
-    result), the output in the input's memory format; an undilated one on a channels-last input. While FLOPs are
-    counted it is the plain conv on a channels-last input, so FLOP counts are those of the dilated conv. With
-    gradients and ``fast_backward`` the undilated convs compute their input gradient as a forward conv
+    backward (a 3x3x3, dilation-2 conv on 2x24x40x56x40: ~15 s forward, ~25 s backward). So when gradients are
+    needed a dilated conv runs as an undilated conv on its interleaved sub-grids
+    (:mod:`~nnunetv2_lgms.networks.sub_grids`, "space to batch"; same result), the output in the input's memory
+    format. Otherwise (and for undilated convs) it is the plain conv on a channels-last input, so FLOP counts are
+    those of the dilated conv; DACB's 3D inference path takes the sub-grids itself (``DACB.sub_grid_inference``).
+    With gradients and ``fast_backward`` the undilated convs compute their input gradient as a forward conv
     (:func:`depthwise_conv`).
     """
-    dilation = None if is_counting_flops() else sub_grid_dilation(conv, x)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    dilation = sub_grid_dilation(conv, x) if needs_grad else None
     if dilation is not None:
         return dilated_depthwise_conv(conv, x, dilation, fast_backward)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     x = to_channels_last(x)
     y = depthwise_conv_module(conv, x) if fast_backward and needs_grad else None
     return conv(x) if y is None else y
