@@ -372,6 +372,68 @@ def test_lms_3d_and_dacb_train_through_the_fast_depthwise_backward(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,kernel,bias,block", [
+    ((2, 32, 9, 11), (3, 3), True, 8192),   # one block
+    ((3, 32, 13, 10), (3, 3), False, 50),   # blocks that split rows and samples
+    ((2, 33, 7, 12), (1, 3), True, 37),     # a plan kernel of 1 on one axis
+    ((1, 40, 6, 5), (5, 3), True, 16),      # a wider kernel, taps reaching two rows away
+])
+def test_conv2d_gemm_weight_grad_equals_the_conv_forward_and_backward(dtype, shape, kernel, bias, block):
+    """Dense 'same' 2D convs whose weight gradient is one GEMM per tap on padded flat pixel matrices: values and all
+    three gradients of ``F.conv2d`` (odd map sizes; block sizes that cut rows, samples and the padding)."""
+    torch.manual_seed(0)
+    c_in = shape[1]
+    conv = nn.Conv2d(c_in, 32, kernel, padding=tuple(k // 2 for k in kernel), bias=bias).to(dtype)
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    results = conv_results_fast_and_plain(
+        conv, x, lambda c, t: cpu_training.conv2d_gemm_weight_grad(t, c.weight, c.bias, c.padding, block))
+    for a, b in zip(*results):
+        close(a, b, magnitude(b))
+    assert len(results[0]) == (4 if bias else 3)
+
+
+def test_conv2d_gemm_weight_grad_declines_where_it_does_not_apply():
+    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    assert cpu_training.conv2d_gemm_weight_grad_module(conv, x) is not None
+    assert cpu_training.conv2d_gemm_weight_grad_module(conv, x.detach().contiguous()) is None  # NCHW
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 16, 3, padding=1), x) is None  # 512 pairs
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=1, groups=2), x) is None
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, stride=2, padding=1), x) is None
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=1, dilation=2), x) is None
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=0), x) is None  # not 'same'
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding="same"), x) is None
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 4, padding=2), x) is None  # even kernel
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 1), x) is None  # 1x1: oneDNN is as fast
+    assert cpu_training.conv2d_gemm_weight_grad_module(
+        nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"), x) is None
+    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv3d(32, 32, 3, padding=1), x.unsqueeze(2)) is None
+    with torch.no_grad():
+        assert cpu_training.conv2d_gemm_weight_grad_module(conv, x) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_training.conv2d_gemm_weight_grad_module(conv, x) is None
+
+
+def test_lgmsnet_2d_trains_its_wide_convs_through_the_gemm_weight_grad(monkeypatch):
+    """Which convs of LGMSNet-2D take the path at nnU-Net's widths (the network-level equality with the plain path
+    is in test_speed_paths.py): the GMS blocks' 3x3 convs, the UpConvs and FusionConv's per-part convs from 32
+    channels up; not the 1x1 convs, the stem, the LMS expansion (4 -> 16) nor the level-0 convs of 16 channels."""
+    from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+    calls = []
+    real = cpu_training._Conv2dGemmWeightGrad.apply
+    monkeypatch.setattr(cpu_training._Conv2dGemmWeightGrad, "apply",
+                        lambda x, w, *a: calls.append(tuple(w.shape[:2])) or real(x, w, *a))
+    net = LGMSNet(3, 2, nn.Conv2d, deep_supervision=True)
+    sum(o.sum() for o in net(torch.randn(2, 3, 64, 64))).backward()
+    assert sorted(calls) == sorted([
+        (128, 64), (128, 192), (128, 128), (128, 256),  # encoder GMS 3 and 4: local and merge 3x3s
+        (128, 128), (128, 256), (128, 384),  # decoder level 3: UpConv, GMS local and merge
+        (64, 128), (64, 64), (64, 64), (64, 64), (64, 128),  # level 2: UpConv, FusionConv's parts, GMS local, merge
+        (32, 64), (32, 32), (32, 32),  # level 1: UpConv, FusionConv's parts
+    ]), calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape,groups,affine", [
     ((2, 6, 5, 7, 9), 6, True),     # InstanceNorm with affine (nnU-Net's 3D norm)
     ((3, 6, 5, 7, 9), 6, False),    # GLIMS's InstanceNorm (affine=False)

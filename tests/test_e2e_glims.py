@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_utils import NnunetProject, assert_predictions, assert_trained
+from e2e_utils import assert_predictions, assert_trained
 
 pytestmark = pytest.mark.slow
 TRAINER = "nnUNetTrainerGLIMS_smoke"
 
 
-def test_2d_train_predict_and_resume(tmp_path):
-    project = NnunetProject(tmp_path, 993, 2, "2d", (48, 48))
+def test_2d_train_predict_and_resume(e2e_project_2d):
+    project = e2e_project_2d
     fold = project.train(TRAINER)
     summary = assert_trained(fold)
     assert set(summary["mean"]) == {"1"}
@@ -22,7 +22,7 @@ def test_2d_train_predict_and_resume(tmp_path):
     assert (fold / "validation" / "summary.json").stat().st_mtime > mtime
 
 
-def test_3d_fullres_anisotropic_train_predict(tmp_path):
-    project = NnunetProject(tmp_path, 994, 3, "3d_fullres", (16, 32, 32))
+def test_3d_fullres_anisotropic_train_predict(e2e_project_3d):
+    project = e2e_project_3d
     assert_trained(project.train(TRAINER))
     assert_predictions(project, project.predict(TRAINER), {0, 1})

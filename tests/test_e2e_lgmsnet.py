@@ -10,24 +10,20 @@ pytestmark = pytest.mark.slow
 TRAINER = "nnUNetTrainerLGMSNet_smoke"
 
 
-@pytest.fixture(scope="module")
-def project_2d(tmp_path_factory):
-    return NnunetProject(tmp_path_factory.mktemp("nnunet2d"), 990, 2, "2d", (48, 48))
-
-
-def test_2d_train_predict_and_resume(project_2d):
-    fold = project_2d.train(TRAINER)
+def test_2d_train_predict_and_resume(e2e_project_2d):
+    project = e2e_project_2d
+    fold = project.train(TRAINER)
     summary = assert_trained(fold)
     assert set(summary["mean"]) == {"1"}
-    assert_predictions(project_2d, project_2d.predict(TRAINER), {0, 1})
+    assert_predictions(project, project.predict(TRAINER), {0, 1})
     # --c on a finished run: nnU-Net loads checkpoint_final and redoes the validation
     mtime = (fold / "validation" / "summary.json").stat().st_mtime
-    project_2d.train(TRAINER, "0", "--c")
+    project.train(TRAINER, "0", "--c")
     assert (fold / "validation" / "summary.json").stat().st_mtime > mtime
 
 
-def test_3d_fullres_anisotropic_train_predict(tmp_path):
-    project = NnunetProject(tmp_path, 991, 3, "3d_fullres", (16, 32, 32))
+def test_3d_fullres_anisotropic_train_predict(e2e_project_3d):
+    project = e2e_project_3d
     assert_trained(project.train(TRAINER))
     assert_predictions(project, project.predict(TRAINER), {0, 1})
 

@@ -8,16 +8,18 @@ from unittest import mock
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
+from nnunetv2_lgms.flops import count_flops
 from nnunetv2_lgms.networks import cpu_inference
 from nnunetv2_lgms.networks.blocks import (ConvNormAct, channels_last_format, in_memory_format_of, is_channels_last,
                                            restrict_kernel)
 from nnunetv2_lgms.networks.glims import GLIMS
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock, UpConv
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
-from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
+from nnunetv2_lgms.networks.sparse_attention import MultiHeadSelfAttention, SparseTransformer
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -103,6 +105,9 @@ def test_lgmsnet_speed_paths_equal_plain_network(dim, patch, strides, train, dty
     net = LGMSNet.from_plan(patch, strides, kernels, 2, 3, deep_supervision=train).to(dtype)
     randomise_norm_statistics(net)  # eval mode: BatchNorms folded into convs
     ref = plain_copy(net)
+    for m in net.modules():
+        if isinstance(m, MultiHeadSelfAttention):
+            m.pad_min_tokens = 1  # these maps give sequences shorter than the threshold; pad the heads anyway
     net.train(train)
     ref.train(train)
     x = torch.randn(2, 2, *patch, dtype=dtype)
@@ -442,6 +447,50 @@ def test_upconv_subpixel_declines_where_it_does_not_apply():
         assert block.train()._subpixel_forward(x, (12, 12)) is None  # batch statistics: nothing to fold
         no_norm = UpConv(nn.Conv2d, 4, 4, None).eval()
         assert no_norm._subpixel_forward(x, (12, 12)) is None and no_norm(x, (12, 12)).shape == (1, 4, 12, 12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_on_zero_padded_heads_equals_the_plain_attention(dtype, monkeypatch):
+    """The padded-heads path against the same module with it off, forward and every gradient; and the head width
+    that actually reaches F.scaled_dot_product_attention."""
+    head_dims = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: head_dims.append(q.shape[-1])
+                        or sdpa(q, *a, **kw))
+    torch.manual_seed(0)
+    fast = MultiHeadSelfAttention(dim=24, heads=4, head_dim=8).to(dtype)
+    plain = copy.deepcopy(fast)
+    plain.pad_head_dim = False
+    x = torch.randn(3, 130, 24, dtype=dtype)  # 130 >= pad_min_tokens
+    grad_out = torch.randn(3, 130, 24, dtype=dtype)
+    results = []
+    for module in (fast, plain):
+        x_grad = x.clone().requires_grad_()
+        out = module(x_grad)
+        results.append((out, torch.autograd.grad(out, [x_grad, *module.parameters()], grad_out)))
+    assert head_dims == [16, 8]
+    (out_f, grads_f), (out_p, grads_p) = results
+    close(out_f, out_p, magnitude([out_p]))
+    for a, b in zip(grads_f, grads_p):
+        close(a, b, magnitude([b]))
+
+
+def test_attention_pads_heads_only_where_it_was_measured_faster(monkeypatch):
+    head_dims = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: head_dims.append(q.shape[-1])
+                        or sdpa(q, *a, **kw))
+    narrow, wide = MultiHeadSelfAttention(24, 4, 8), MultiHeadSelfAttention(24, 2, 16)
+    with torch.no_grad():
+        narrow(torch.randn(2, 128, 24))
+        narrow(torch.randn(2, 127, 24))  # short sequences: the copy cost more than it saved
+        wide(torch.randn(2, 200, 24))  # already 16 wide: padding further was slower
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # not measured
+            narrow(torch.randn(2, 200, 24))
+    assert head_dims == [16, 8, 16, 8]
+    head_dims.clear()
+    count_flops(narrow, (2, 200, 24))  # the architecture's FLOPs, not the padded ones
+    assert head_dims == [8]
 
 
 def test_sparse_transformer_keeps_channels_last():

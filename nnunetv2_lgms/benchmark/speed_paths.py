@@ -25,6 +25,7 @@ from nnunetv2_lgms.networks.glims import GLIMSDecoder
 from nnunetv2_lgms.networks.glims_blocks import CSAB, DACB, StridedConvINPReLU
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock, UpConv
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+from nnunetv2_lgms.networks.sparse_attention import MultiHeadSelfAttention
 
 
 def disable_speed_paths(net: nn.Module) -> nn.Module:
@@ -36,6 +37,7 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.fuse_activation = False
             m.norm_in_place = False
             m.gemm_pointwise = False
+            m.gemm_weight_grad = False
         if isinstance(m, GLIMSDecoder):
             m.gemm_heads = False
         if isinstance(m, FusionConv):
@@ -51,6 +53,8 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.subpixel_inference = False
         if isinstance(m, LGMSNet):
             m.cpu_channels_last = False
+        if isinstance(m, MultiHeadSelfAttention):
+            m.pad_head_dim = False
         if isinstance(m, DACB):
             m.fast_inference = False
             m.fast_depthwise_backward = False

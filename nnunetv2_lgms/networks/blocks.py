@@ -17,7 +17,8 @@ from nnunetv2_lgms.networks.cpu_inference import (IN_PLACE_ACTIVATIONS, activati
                                                   can_overwrite_intermediates, conv_act_fused, has_in_place_form,
                                                   is_compiling, is_per_sample_norm, onednn_post_op,
                                                   per_sample_norm_act_, pointwise_convs_blockwise)
-from nnunetv2_lgms.networks.cpu_training import group_norm_channels_last, pointwise_conv, scalar_prelu
+from nnunetv2_lgms.networks.cpu_training import (conv2d_gemm_weight_grad_module, group_norm_channels_last,
+                                                 pointwise_conv, scalar_prelu)
 
 IntOrSeq = Union[int, Sequence[int]]
 T = TypeVar("T")
@@ -167,13 +168,16 @@ class ConvNormAct(nn.Sequential):
       place on the conv's output (:func:`norm_act_on_fresh`).
 
     In CPU training, ``gemm_pointwise``: a 1x1 conv on an NC(D)HW map runs as batched GEMMs
-    (:func:`~nnunetv2_lgms.networks.cpu_training.pointwise_conv`; GLIMS, which trains in that layout).
+    (:func:`~nnunetv2_lgms.networks.cpu_training.pointwise_conv`; GLIMS, which trains in that layout); and
+    ``gemm_weight_grad``: a wide enough 2D conv on a channels-last map gets its weight gradient as one GEMM per kernel
+    tap (:func:`~nnunetv2_lgms.networks.cpu_training.conv2d_gemm_weight_grad`; LGMSNet-2D).
     """
 
     fold_batch_norm: bool = True
     fuse_activation: bool = True
     norm_in_place: bool = True
     gemm_pointwise: bool = True
+    gemm_weight_grad: bool = True
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, kernel_size: IntOrSeq,
                  norm_op: Optional[Type[nn.Module]], act: Optional[Type[nn.Module]], bias: bool = False,
@@ -196,6 +200,8 @@ class ConvNormAct(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             y = pointwise_conv(self[0], x) if self.gemm_pointwise else None
+            if y is None and self.gemm_weight_grad:
+                y = conv2d_gemm_weight_grad_module(self[0], x)
             if y is None:
                 return super().forward(x)
             for layer in list(self)[1:]:

@@ -19,8 +19,8 @@ from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_affine, batch
                                            to_channels_last)
 from nnunetv2_lgms.networks.cpu_inference import (can_overwrite_intermediates, conv_act_fused, is_compiling,
                                                   per_sample_norm_act_, pixels_dense, pointwise_convs_blockwise)
-from nnunetv2_lgms.networks.cpu_training import (depthwise_conv_module, pointwise_pair_applies,
-                                                 pointwise_pair_blockwise)
+from nnunetv2_lgms.networks.cpu_training import (conv2d_gemm_weight_grad, depthwise_conv_module,
+                                                 pointwise_pair_applies, pointwise_pair_blockwise)
 from nnunetv2_lgms.networks.sparse_attention import SparseTransformer
 
 
@@ -295,12 +295,16 @@ class FusionConv(nn.Sequential):
                 or not pointwise_pair_applies(parts, expand[0], expand[1], expand[2], reduce[0], input_norm=norm)):
             return None
         conv_nd = F.conv2d if conv.weight.ndim == 4 else F.conv3d
+        gemm_weight_grad = (self[0].gemm_weight_grad and conv.weight.ndim == 4 and all(s == 1 for s in conv.stride)
+                            and all(d == 1 for d in conv.dilation))
         per_group = conv.out_channels // groups
         activated = []
         for g, part in enumerate(parts):
             rows = slice(g * per_group, (g + 1) * per_group)
-            activated.append(act(conv_nd(part, conv.weight[rows], None if conv.bias is None else conv.bias[rows],
-                                         conv.stride, conv.padding, conv.dilation, 1)))
+            weight, bias = conv.weight[rows], None if conv.bias is None else conv.bias[rows]
+            y = conv2d_gemm_weight_grad(part, weight, bias, conv.padding) if gemm_weight_grad else None
+            activated.append(act(conv_nd(part, weight, bias, conv.stride, conv.padding, conv.dilation, 1)
+                                 if y is None else y))
         y = pointwise_pair_blockwise(activated, expand[0], expand[1], expand[2], reduce[0], input_norm=norm)
         return reduce[2](reduce[1](y)) if y is not None else reduce(expand(norm(torch.cat(activated, dim=1))))
 

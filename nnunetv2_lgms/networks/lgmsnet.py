@@ -172,7 +172,10 @@ class LGMSNet(GraphedInference, nn.Module):
     In training, FusionConv's BatchNorm -> 1x1 -> GELU -> BatchNorm -> 1x1 runs as one blockwise autograd function
     that never stores the 4x-wide map (:mod:`nnunetv2_lgms.networks.cpu_training`), on ``[skip, up]`` as parts
     (no concatenation, one dense conv per part); in both modes the LMS block's
-    four depthwise convs run as one (:class:`LocalMultiscaleBlock`). Gains, paths off against on:
+    four depthwise convs run as one (:class:`LocalMultiscaleBlock`); the wide 2D convs take their weight gradient as
+    one GEMM per kernel tap (:func:`~nnunetv2_lgms.networks.cpu_training.conv2d_gemm_weight_grad`). On CPU the
+    attention's 8-channel heads are zero-padded to 16 for PyTorch's flash kernel
+    (:class:`~nnunetv2_lgms.networks.sparse_attention.MultiHeadSelfAttention`). Gains, paths off against on:
     results/speed_cpu/speed_paths.md. The 3D network runs channels-last too: its InstanceNorms keep the layout
     (:class:`~nnunetv2_lgms.networks.blocks.LayoutKeepingInstanceNorm3d`; ``nn.InstanceNorm`` would copy to NCDHW),
     its LMS depthwise convs compute their input gradient as a forward conv, and in inference its InstanceNorms and
