@@ -449,14 +449,21 @@ def test_upconv_subpixel_declines_where_it_does_not_apply():
         assert no_norm._subpixel_forward(x, (12, 12)) is None and no_norm(x, (12, 12)).shape == (1, 4, 12, 12)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_on_zero_padded_heads_equals_the_plain_attention(dtype, monkeypatch):
-    """The padded-heads path against the same module with it off, forward and every gradient; and the head width
-    that actually reaches F.scaled_dot_product_attention."""
+@pytest.fixture
+def sdpa_head_dims(monkeypatch):
+    """The head width of every ``F.scaled_dot_product_attention`` call, in order."""
     head_dims = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: head_dims.append(q.shape[-1])
                         or sdpa(q, *a, **kw))
+    return head_dims
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_on_zero_padded_heads_equals_the_plain_attention(dtype, sdpa_head_dims):
+    """The padded-heads path against the same module with it off, forward and every gradient; and the head width
+    that actually reaches F.scaled_dot_product_attention."""
+    head_dims = sdpa_head_dims
     torch.manual_seed(0)
     fast = MultiHeadSelfAttention(dim=24, heads=4, head_dim=8).to(dtype)
     plain = copy.deepcopy(fast)
@@ -475,11 +482,8 @@ def test_attention_on_zero_padded_heads_equals_the_plain_attention(dtype, monkey
         close(a, b, magnitude([b]))
 
 
-def test_attention_pads_heads_only_where_it_was_measured_faster(monkeypatch):
-    head_dims = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: head_dims.append(q.shape[-1])
-                        or sdpa(q, *a, **kw))
+def test_attention_pads_heads_only_where_it_was_measured_faster(sdpa_head_dims):
+    head_dims = sdpa_head_dims
     narrow, wide = MultiHeadSelfAttention(24, 4, 8), MultiHeadSelfAttention(24, 2, 16)
     with torch.no_grad():
         narrow(torch.randn(2, 128, 24))
