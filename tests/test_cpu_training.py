@@ -386,7 +386,7 @@ def test_conv2d_gemm_weight_grad_equals_the_conv_forward_and_backward(dtype, sha
     conv = nn.Conv2d(c_in, 32, kernel, padding=tuple(k // 2 for k in kernel), bias=bias).to(dtype)
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
     results = conv_results_fast_and_plain(
-        conv, x, lambda c, t: cpu_training.conv2d_gemm_weight_grad(t, c.weight, c.bias, c.padding, block))
+        conv, x, lambda c, t: cpu_training.conv2d_gemm_weight_grad(t, c.weight, c.bias, c.padding, block_pixels=block))
     for a, b in zip(*results):
         close(a, b, magnitude(b))
     assert len(results[0]) == (4 if bias else 3)

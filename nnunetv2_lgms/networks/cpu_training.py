@@ -450,11 +450,12 @@ GEMM_WEIGHT_GRAD_MIN_CHANNEL_PAIRS = 1024
 
 
 def conv2d_gemm_weight_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            padding: Sequence[int], block_pixels: int = BLOCK_PIXELS) -> Optional[torch.Tensor]:
-    """``F.conv2d(x, weight, bias, padding=padding)`` for a dense (one group) stride-1 conv with odd kernels (not
-    1x1) and 'same' zero padding on a channels-last CPU map, whose weight gradient runs as GEMMs; None where it does
-    not apply (no autograd, not CPU float32/64, autocast, ``torch.compile``, not channels-last dense, fewer than
-    :data:`GEMM_WEIGHT_GRAD_MIN_CHANNEL_PAIRS` channel pairs, another conv).
+                            padding: Sequence[int], stride: Sequence[int] = (1, 1), dilation: Sequence[int] = (1, 1),
+                            block_pixels: int = BLOCK_PIXELS) -> Optional[torch.Tensor]:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation)`` for a dense (one group) conv with stride 1, no
+    dilation, odd kernels (not 1x1) and 'same' zero padding on a channels-last CPU map, whose weight gradient runs as
+    GEMMs; None where it does not apply (no autograd, not CPU float32/64, autocast, ``torch.compile``, not
+    channels-last dense, fewer than :data:`GEMM_WEIGHT_GRAD_MIN_CHANNEL_PAIRS` channel pairs, another conv).
 
     Why: oneDNN's weight gradient of these convs (AVX2) took about three times its forward: at nnU-Net's 2D plan
     (batch 12) the 128 -> 64 conv at 64 x 64 took 132 ms for its weight gradient against 49 ms forward. Here, with
@@ -467,7 +468,7 @@ def conv2d_gemm_weight_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     if not (torch.is_grad_enabled() and x.device.type == "cpu" and x.ndim == 4 and not is_compiling()
             and not torch.is_autocast_enabled("cpu") and x.dtype in (torch.float32, torch.float64)
             and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and pixels_dense(x)
-            and x.is_contiguous(memory_format=torch.channels_last) and weight.shape[1] == x.shape[1]
+            and weight.shape[1] == x.shape[1] and all(v == 1 for v in (*stride, *dilation))
             and weight.shape[0] * weight.shape[1] >= GEMM_WEIGHT_GRAD_MIN_CHANNEL_PAIRS
             and weight.shape[2:].numel() > 1  # (oneDNN's 1x1 weight gradient was as fast as one GEMM)
             and len(padding) == 2 and all(k % 2 == 1 and p == k // 2 for k, p in zip(weight.shape[2:], padding))):
@@ -479,9 +480,9 @@ def conv2d_gemm_weight_grad_module(conv: _ConvNd, x: torch.Tensor) -> Optional[t
     """``conv(x)`` through :func:`conv2d_gemm_weight_grad` for an ``nn.Conv2d`` (one group, stride 1, no dilation,
     zero padding given as numbers); None where it does not apply."""
     if (not isinstance(conv, nn.Conv2d) or conv.transposed or conv.groups != 1 or conv.padding_mode != "zeros"
-            or isinstance(conv.padding, str) or any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation)):
+            or isinstance(conv.padding, str)):
         return None
-    return conv2d_gemm_weight_grad(x, conv.weight, conv.bias, conv.padding)
+    return conv2d_gemm_weight_grad(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation)
 
 
 class _Conv2dGemmWeightGrad(torch.autograd.Function):
