@@ -397,6 +397,30 @@ def test_lgmsnet_inference_without_autograd_equals_plain_network(dim, patch, str
     assert counts["aten::gelu_"] >= 3  # the LMS blocks' in-place GELU
 
 
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_sparse_transformer_layer_in_place_inference_equals_plain(grad_off):
+    """Without autograd the Transformer layer's two residual sums and its MLP's SiLU overwrite the layer's own fresh
+    tensors: bit for bit the plain result (the sums commute), its input untouched; with autograd the plain path."""
+    from nnunetv2_lgms.networks.sparse_attention import SparseTransformerLayer
+    torch.manual_seed(0)
+    layer = SparseTransformerLayer(48, 96)
+    plain = plain_copy(layer)
+    x = torch.randn(3, 70, 48)
+    x_before = x.clone()
+    fast_ops, plain_ops = OpCounter(), OpCounter()
+    with grad_off():
+        with plain_ops:
+            expected = plain(x)
+        with fast_ops:
+            out = layer(x)
+    assert torch.equal(out, expected) and torch.equal(x, x_before)
+    assert (fast_ops.counts["aten::silu_"], fast_ops.counts["aten::add_.Tensor"]) == (1, 2)
+    assert (plain_ops.counts["aten::silu_"], plain_ops.counts["aten::add_.Tensor"]) == (0, 0)
+    trained = layer(x.requires_grad_())
+    trained.sum().backward()
+    assert torch.equal(trained.detach(), expected) and x.grad is not None
+
+
 @pytest.mark.parametrize("size", [(3, 3), (5, 7), (8, 6), (16, 16)])
 def test_upconv_subpixel_inference_equals_upsample_then_conv(size):
     """2D CPU inference: bilinear x2 upsampling + 3x3 conv + folded BatchNorm + ReLU as one conv with four output

@@ -25,7 +25,7 @@ from nnunetv2_lgms.networks.glims import GLIMSDecoder
 from nnunetv2_lgms.networks.glims_blocks import CSAB, DACB, StridedConvINPReLU
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, LocalMultiscaleBlock, UpConv
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet
-from nnunetv2_lgms.networks.sparse_attention import MultiHeadSelfAttention
+from nnunetv2_lgms.networks.sparse_attention import MultiHeadSelfAttention, SparseTransformerLayer
 
 
 def disable_speed_paths(net: nn.Module) -> nn.Module:
@@ -55,6 +55,8 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.cpu_channels_last = False
         if isinstance(m, MultiHeadSelfAttention):
             m.pad_head_dim = False
+        if isinstance(m, SparseTransformerLayer):
+            m.in_place_inference = False
         if isinstance(m, DACB):
             m.fast_inference = False
             m.fast_depthwise_backward = False

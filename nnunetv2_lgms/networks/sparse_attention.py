@@ -17,6 +17,7 @@ from torch import nn
 
 from nnunetv2_lgms.flops import is_counting_flops
 from nnunetv2_lgms.networks.blocks import has_channels_last_strides
+from nnunetv2_lgms.networks.cpu_inference import activation_in_place, can_overwrite_intermediates
 
 
 def sparse_patch_size(spatial_size: Sequence[int], patch_size: Sequence[int]) -> Tuple[int, ...]:
@@ -100,7 +101,14 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class SparseTransformerLayer(nn.Module):
-    """One pre-norm Transformer layer: ``x + MHSA(LN(x))``, then ``x + MLP(LN(x))`` with a SiLU MLP."""
+    """One pre-norm Transformer layer: ``x + MHSA(LN(x))``, then ``x + MLP(LN(x))`` with a SiLU MLP.
+
+    Speed (``in_place_inference``): without autograd, the two residual sums and the MLP's activation overwrite the
+    layer's own fresh tensors (the same values: the sums commute) instead of allocating new token maps. LGMSNet-2D's
+    level-2 Transformer at nnU-Net's 2D plan (48 x 1024 tokens of 48 channels): 243 -> 237 ms (medians of 8
+    interleaved calls, 2 cores), nearly all of it in the attention itself."""
+
+    in_place_inference: bool = True
 
     def __init__(self, dim: int, mlp_dim: int, heads: int = 4, head_dim: int = 8):
         super().__init__()
@@ -110,6 +118,12 @@ class SparseTransformerLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.SiLU(), nn.Linear(mlp_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place_inference and can_overwrite_intermediates(x):
+            y = self.attention(self.attention_norm(x))
+            x = y.add_(x) if y.dtype == x.dtype else x + y
+            expand, act, project = self.mlp
+            y = project(activation_in_place(act, expand(self.mlp_norm(x))))
+            return y.add_(x) if y.dtype == x.dtype else x + y
         x = x + self.attention(self.attention_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
