@@ -57,6 +57,22 @@ def test_speed_report_writes_tables_json_and_figure(tmp_path, clean_nnunet_env, 
     assert (out / "speed_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_time_ratios_come_with_their_per_repetition_range():
+    ref = {"trainer": "nnUNetTrainer", "gflops": 30.0, "train_step_s": 10.0, "inference_s": 3.0,
+           "samples": {"train_step_s": [10.0, 12.0, 9.0], "inference_s": [3.0, 3.0]}}
+    net = {"trainer": "nnUNetTrainerLGMSNet", "gflops": 10.0, "train_step_s": 5.0, "inference_s": 4.5,
+           "samples": {"train_step_s": [5.0, 5.0, 4.0], "inference_s": [4.5, 4.2, 4.8]}}
+    (entry,) = speed_report.time_vs_flops([ref, net])
+    assert entry["train_step_time_ratio"] == 0.5
+    low, high = entry["train_step_time_ratio_range"]
+    assert math.isclose(low, 5 / 12) and math.isclose(high, 0.5)
+    assert "inference_time_ratio_range" not in entry  # 3 samples against 2: no pairs
+    assert speed_report._fmt_ratio(0.5, (low, high)) == "0.50 (2.00x faster; 2.00–2.40x per repetition)"
+    assert speed_report._fmt_ratio(1.5, (1.4, 1.7)) == "1.50 (1.50x slower; 1.40–1.70x per repetition)"
+    assert speed_report._fmt_ratio(0.5, (0.5, 0.5)) == "0.50 (2.00x faster)"  # one repetition: no spread
+    assert speed_report._fmt_ratio(None) == "–"
+
+
 def test_speed_paths_table(tmp_path, clean_nnunet_env, monkeypatch, capsys):
     from nnunetv2_lgms.benchmark import speed_paths
 

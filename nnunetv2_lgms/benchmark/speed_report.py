@@ -25,7 +25,10 @@ DEFAULT_PRESETS = ("2d-256", "hippocampus-3d")
 
 
 def time_vs_flops(rows: List[dict]) -> List[dict]:
-    """Per non-reference row: FLOP ratio and time ratios against the first row (the reference network)."""
+    """Per non-reference row: FLOP ratio and time ratios against the first row (the reference network), the latter
+    as the ratio of the medians and, under ``<name>_range``, the lowest and highest ratio within one repetition (the
+    networks are timed seconds apart there, so slow drifts of the machine cancel; the spread shows the rest of its
+    noise)."""
     ref = rows[0]
     out = []
     for r in rows[1:]:
@@ -34,6 +37,10 @@ def time_vs_flops(rows: List[dict]) -> List[dict]:
                           ("inference_bs1_s", "inference_bs1_time_ratio")):
             if r.get(key) and ref.get(key):
                 entry[name] = r[key] / ref[key]
+                own, other = (row.get("samples", {}).get(key) for row in (r, ref))
+                if own and other and len(own) == len(other):
+                    pairs = [a / b for a, b in zip(own, other)]
+                    entry[f"{name}_range"] = (min(pairs), max(pairs))
         out.append(entry)
     return out
 
@@ -44,14 +51,15 @@ def render_report(sections: List[dict], command: str) -> str:
 
     lines = ["# Speed report", "", f"Command: `{command}`", "",
              "Time ratio = network's time / nnU-Net network's time on the same plan, measured interleaved in one "
-             "run. FLOP ratio = the same for forward FLOPs. A time ratio at the FLOP ratio means the network is as "
+             "run (in brackets: as a speed factor, and the lowest and highest factor within one repetition, which times "
+             "the networks seconds apart). FLOP ratio = the same for forward FLOPs. A time ratio at the FLOP ratio means the network is as "
              "fast as its FLOPs promise; above it, slower.", ""]
     summary = []
     for sec in sections:
         for e in time_vs_flops(sec["rows"]):
             summary.append([sec["preset"], e["trainer"], f"{e['flop_ratio']:.2f}",
-                            _fmt_ratio(e.get("inference_bs1_time_ratio")), _fmt_ratio(e.get("inference_time_ratio")),
-                            _fmt_ratio(e.get("train_step_time_ratio"))])
+                            *(_fmt_ratio(e.get(name), e.get(f"{name}_range")) for name in (
+                                "inference_bs1_time_ratio", "inference_time_ratio", "train_step_time_ratio"))])
     lines += [markdown_table(["plan", "trainer", "FLOP ratio", "inference time ratio (batch 1)",
                               "inference time ratio (plan's batch)", "train step time ratio"], summary), ""]
     for sec in sections:
@@ -59,8 +67,18 @@ def render_report(sections: List[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def _fmt_ratio(v: Optional[float]) -> str:
-    return "–" if v is None else f"{v:.2f} ({1 / v:.2f}x faster)" if v < 1 else f"{v:.2f} ({v:.2f}x slower)"
+def _fmt_ratio(v: Optional[float], per_repetition: Optional[Sequence[float]] = None) -> str:
+    """``0.45 (2.22x faster; 2.05-2.31x per repetition)``: the ratio, as a speed factor, and its per-repetition
+    range as factors of the same direction."""
+    if v is None:
+        return "–"
+    faster = v < 1
+    factor = (lambda r: 1 / r) if faster else (lambda r: r)
+    spread = ""
+    if per_repetition and len(per_repetition) == 2 and per_repetition[0] != per_repetition[1]:
+        low, high = sorted(factor(r) for r in per_repetition)
+        spread = f"; {low:.2f}–{high:.2f}x per repetition"
+    return f"{v:.2f} ({factor(v):.2f}x {'faster' if faster else 'slower'}{spread})"
 
 
 def plot(sections: List[dict], path: Path) -> None:
