@@ -148,6 +148,21 @@ def test_pointwise_pair_blockwise_on_parts_equals_the_modules_on_the_concatenati
                                     layers["second"]) is None
 
 
+def test_pointwise_pair_blockwise_backward_keeps_what_it_saved():
+    """The stored GELU output is read, not overwritten, by the backward: a second backward of the retained graph
+    gives the same gradients again (they accumulate to twice the first)."""
+    layers = make_layers(2, 6, 12, 4, torch.float64)
+    x = channels_last_input((2, 6, 5, 7), torch.float64).requires_grad_(True)
+    grad = channels_last_input((2, 4, 5, 7), torch.float64, seed=1)
+    out = pointwise_pair_blockwise(x, layers["first"], layers["act"], layers["norm"], layers["second"],
+                                   input_norm=layers["input_norm"], block_pixels=16)
+    out.backward(grad, retain_graph=True)
+    first = [x.grad.clone()] + [p.grad.clone() for p in layers.parameters()]
+    out.backward(grad)
+    for g, again in zip(first, [x.grad] + [p.grad for p in layers.parameters()]):
+        torch.testing.assert_close(again, 2 * g, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fusion_conv_training_on_parts_equals_the_plain_module_on_the_concatenation(dtype, monkeypatch):
     """LGMSNet's decoder hands ``[skip, up]`` as parts: in CPU training one dense conv per part and the blockwise

@@ -51,9 +51,9 @@ def render_report(sections: List[dict], command: str) -> str:
 
     lines = ["# Speed report", "", f"Command: `{command}`", "",
              "Time ratio = network's time / nnU-Net network's time on the same plan, measured interleaved in one "
-             "run (in brackets: as a speed factor, and the lowest and highest factor within one repetition, which times "
-             "the networks seconds apart). FLOP ratio = the same for forward FLOPs. A time ratio at the FLOP ratio means the network is as "
-             "fast as its FLOPs promise; above it, slower.", ""]
+             "run (in brackets: as a speed factor, and the lowest and highest factor within one repetition, which "
+             "times the networks seconds apart). FLOP ratio = the same for forward FLOPs. A time ratio at the FLOP "
+             "ratio means the network is as fast as its FLOPs promise; above it, slower.", ""]
     summary = []
     for sec in sections:
         for e in time_vs_flops(sec["rows"]):

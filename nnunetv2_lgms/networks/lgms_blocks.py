@@ -229,10 +229,11 @@ class FusionConv(nn.Sequential):
     4*C_out-wide map is never allocated in full.
 
     Speed (``blockwise_training``): on CPU, in training with channels-last input, everything from the first
-    BatchNorm to the last 1x1 conv runs as one blockwise autograd function (:func:`pointwise_pair_blockwise`): the
-    4*C_out-wide map is recomputed block by block instead of stored, and the first two BatchNorms are folded into
-    the 1x1 convs with their batch statistics; same values, gradients and running statistics. Given ``[skip, up]``
-    as parts (:meth:`forward_parts`), training never forms their concatenation either.
+    BatchNorm to the last 1x1 conv runs as one blockwise autograd function (:func:`pointwise_pair_blockwise`): of
+    the 4*C_out-wide maps only the GELU output is stored (autograd would keep three and create three gradients), and
+    the first two BatchNorms are folded into the 1x1 convs with their batch statistics; same values, gradients and
+    running statistics. Given ``[skip, up]`` as parts (:meth:`forward_parts`), training never forms their
+    concatenation either.
     """
 
     fold_batch_norm: bool = True

@@ -170,9 +170,9 @@ class LGMSNet(GraphedInference, nn.Module):
     BatchNorms, fuses activations into oneDNN convs, runs the decoder's 1x1 stacks block by block and never forms
     the decoder's ``[skip, up]`` concatenation (:mod:`nnunetv2_lgms.networks.cpu_inference`, :class:`FusionConv`).
     In training, FusionConv's BatchNorm -> 1x1 -> GELU -> BatchNorm -> 1x1 runs as one blockwise autograd function
-    that never stores the 4x-wide map (:mod:`nnunetv2_lgms.networks.cpu_training`), on ``[skip, up]`` as parts
-    (no concatenation, one dense conv per part); in both modes the LMS block's
-    four depthwise convs run as one (:class:`LocalMultiscaleBlock`); the wide 2D convs take their weight gradient as
+    that stores one 4x-wide map instead of six (:mod:`nnunetv2_lgms.networks.cpu_training`), on ``[skip, up]``
+    as parts (no concatenation, one dense conv per part); in both modes the LMS block's four depthwise convs run as
+    one (:class:`LocalMultiscaleBlock`); the wide 2D convs take their weight gradient as
     one GEMM per kernel tap (:func:`~nnunetv2_lgms.networks.cpu_training.conv2d_gemm_weight_grad`). On CPU the
     attention's 8-channel heads are zero-padded to 16 for PyTorch's flash kernel
     (:class:`~nnunetv2_lgms.networks.sparse_attention.MultiHeadSelfAttention`). Gains, paths off against on:
