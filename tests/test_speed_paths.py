@@ -404,18 +404,11 @@ def test_sparse_transformer_layer_in_place_inference_equals_plain(grad_off):
     from nnunetv2_lgms.networks.sparse_attention import SparseTransformerLayer
     torch.manual_seed(0)
     layer = SparseTransformerLayer(48, 96)
-    plain = plain_copy(layer)
     x = torch.randn(3, 70, 48)
-    x_before = x.clone()
-    fast_ops, plain_ops = OpCounter(), OpCounter()
-    with grad_off():
-        with plain_ops:
-            expected = plain(x)
-        with fast_ops:
-            out = layer(x)
-    assert torch.equal(out, expected) and torch.equal(x, x_before)
-    assert (fast_ops.counts["aten::silu_"], fast_ops.counts["aten::add_.Tensor"]) == (1, 2)
-    assert (plain_ops.counts["aten::silu_"], plain_ops.counts["aten::add_.Tensor"]) == (0, 0)
+    out, expected, fast_ops, plain_ops = run_fast_and_plain(layer, plain_copy(layer), x, grad_off)
+    assert torch.equal(out, expected)
+    assert (fast_ops["aten::silu_"], fast_ops["aten::add_.Tensor"]) == (1, 2)
+    assert (plain_ops["aten::silu_"], plain_ops["aten::add_.Tensor"]) == (0, 0)
     trained = layer(x.requires_grad_())
     trained.sum().backward()
     assert torch.equal(trained.detach(), expected) and x.grad is not None

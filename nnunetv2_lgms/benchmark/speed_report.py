@@ -68,7 +68,7 @@ def render_report(sections: List[dict], command: str) -> str:
 
 
 def _fmt_ratio(v: Optional[float], per_repetition: Optional[Sequence[float]] = None) -> str:
-    """``0.45 (2.22x faster; 2.05-2.31x per repetition)``: the ratio, as a speed factor, and its per-repetition
+    """``0.45 (2.22x faster; 2.05–2.31x per repetition)``: the ratio, as a speed factor, and its per-repetition
     range as factors of the same direction."""
     if v is None:
         return "–"
