@@ -32,10 +32,11 @@ activation checkpointing does. With ``x`` the input (``z = s0 x + t0`` after the
 * backward 2: ``U`` again per block, ``dA = dout W2 diag(s) + k1 + k2 A``, the GELU backward, ``dW1``, ``db1`` and
   ``dx``; with an input norm, ``dx`` gets its BatchNorm backward in one more pass (``k1' + k2' x``).
 
-Storing ``A`` (one 4 x C_out map, 350 MB in all at the 2D plan's levels 0-2) instead of recomputing it in forward 2
-and backward 1 (two more GEMMs and GELUs per block) made the three pairs' forward + backward 10-18 % faster there
-(level 0: 950 -> 792 ms, level 1: 420 -> 342 ms, level 2: 338 -> 284 ms; medians of 5 interleaved, 2 cores of an
-AMD EPYC); storing ``U`` too was slower at level 0 (one more 200 MB map).
+Storing ``A`` instead of recomputing it in forward 2 and backward 1 (two more GEMMs and GELUs per block) made the
+three pairs' forward + backward 10-18 % faster at the 2D plan (level 0: 950 -> 792 ms, level 1: 420 -> 342 ms,
+level 2: 338 -> 284 ms; medians of 5 interleaved, 2 cores of an AMD EPYC), for one 4 x C_out map per pair (350 MB
+in all at levels 0-2; a training step's peak RSS 3.7 -> 4.1 GB). Storing ``U`` too was slower at level 0 (one more
+200 MB map).
 
 Only CPU training (float32 or float64, autocast off) in eager mode, with training-mode BatchNorms on batch
 statistics and a channels-last input; elsewhere :func:`pointwise_pair_blockwise` returns None and callers run their
