@@ -504,10 +504,10 @@ def conv2d_gemm_weight_grad_module(conv: _ConvNd, x: torch.Tensor) -> Optional[t
 class _Conv2dGemmWeightGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, block_pixels):
-        padding = [k // 2 for k in weight.shape[2:]]
+        ctx.padding = [k // 2 for k in weight.shape[2:]]
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.block_pixels = bias is not None, block_pixels
-        return F.conv2d(x, weight, bias, 1, padding)
+        return F.conv2d(x, weight, bias, 1, ctx.padding)
 
     @staticmethod
     @once_differentiable
@@ -516,7 +516,7 @@ class _Conv2dGemmWeightGrad(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, [1, 1], [k // 2 for k in weight.shape[2:]], [1, 1], False, [0, 0], 1,
+                grad_out, x, weight, None, [1, 1], ctx.padding, [1, 1], False, [0, 0], 1,
                 [True, False, False])[0]
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             grad_weight, grad_bias = _conv2d_weight_grad_by_taps(x, grad_out, weight.shape, ctx.block_pixels)

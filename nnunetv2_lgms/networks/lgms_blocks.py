@@ -296,14 +296,13 @@ class FusionConv(nn.Sequential):
                 or not pointwise_pair_applies(parts, expand[0], expand[1], expand[2], reduce[0], input_norm=norm)):
             return None
         conv_nd = F.conv2d if conv.weight.ndim == 4 else F.conv3d
-        gemm_weight_grad = self[0].gemm_weight_grad and conv.weight.ndim == 4
         per_group = conv.out_channels // groups
         activated = []
         for g, part in enumerate(parts):
             rows = slice(g * per_group, (g + 1) * per_group)
             weight, bias = conv.weight[rows], None if conv.bias is None else conv.bias[rows]
             y = (conv2d_gemm_weight_grad(part, weight, bias, conv.padding, conv.stride, conv.dilation)
-                 if gemm_weight_grad else None)
+                 if self[0].gemm_weight_grad else None)  # (it declines 3D parts itself)
             activated.append(act(conv_nd(part, weight, bias, conv.stride, conv.padding, conv.dilation, 1)
                                  if y is None else y))
         y = pointwise_pair_blockwise(activated, expand[0], expand[1], expand[2], reduce[0], input_norm=norm)
