@@ -370,6 +370,52 @@ def test_depthwise_conv_declines_where_it_does_not_apply():
         assert cpu_training.depthwise_conv_module(depthwise, x) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,depth,kernel,padding,dilation,pixels", [
+    (3, 7, (3, 3, 3), (1, 1, 1), (1, 1, 1), 65536),   # GLIMS's DACB (and its sub-grid stacks): 'same' 3x3x3
+    (2, 11, (9, 9, 9), (4, 4, 4), (1, 1, 1), 150),    # LGMSNet-3D's widest LMS kernel; calls of two images
+    (3, 6, (3, 1, 3), (1, 0, 1), (1, 1, 1), 1),       # a plan kernel of 1 on one axis; one row per call
+    (2, 9, (3, 3, 3), (2, 2, 2), (2, 2, 2), 65536),   # dilated, 'same': offsets of two images
+    (1, 5, (5, 3, 3), (2, 1, 1), (1, 1, 1), 65536),   # one sample: no pairs across samples
+])
+def test_depthwise3d_weight_grad_equals_the_3d_kernel(dtype, batch, depth, kernel, padding, dilation, pixels):
+    """The folded 2D weight gradient equals ``convolution_backward``'s 3D one: exactly in float64, within round-off
+    in float32; the pairs that cross samples in the folded batch are subtracted (batches of 2-3)."""
+    torch.manual_seed(0)
+    cl = dict(memory_format=torch.channels_last_3d)
+    x = torch.randn(batch, 4, depth, 8, 9, dtype=dtype).contiguous(**cl)
+    grad_out = torch.randn(batch, 4, depth, 8, 9, dtype=dtype).contiguous(**cl)
+    weight = torch.randn(4, 1, *kernel, dtype=dtype)
+    expected = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1] * 3, list(padding), list(dilation),
+                                                   False, [0] * 3, 4, [False, True, False])[1]
+    got = cpu_training.depthwise3d_weight_grad(x, grad_out, kernel, padding, dilation, pixels=pixels)
+    close(got, expected, magnitude(expected))
+    assert got.dtype == dtype and got.shape == weight.shape
+
+
+def test_depthwise3d_weight_grad_declines_where_it_does_not_apply():
+    cl = dict(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 4, 5, 6, 6).contiguous(**cl)
+    same = ((3, 3, 3), (1, 1, 1), (1, 1, 1))
+    assert cpu_training.depthwise3d_weight_grad(x, x.clone(), *same) is not None
+    assert cpu_training.depthwise3d_weight_grad(x.contiguous(), x.contiguous(), *same) is None  # NCDHW
+    valid = x[:, :, 1:-1].contiguous(**cl)  # 'valid' padding: output depth 3, input 5
+    assert cpu_training.depthwise3d_weight_grad(x, valid, (3, 3, 3), (0, 0, 0), (1, 1, 1)) is None
+    # a kernel depth offset of 5 on a depth of 5 would pair images two samples apart
+    assert cpu_training.depthwise3d_weight_grad(x, x.clone(), (3, 3, 3), (5, 1, 1), (5, 1, 1)) is None
+
+
+def test_depthwise_conv_backward_takes_the_folded_weight_grad_in_3d_channels_last(monkeypatch):
+    calls = []
+    real = cpu_training.depthwise3d_weight_grad
+    monkeypatch.setattr(cpu_training, "depthwise3d_weight_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    conv = nn.Conv3d(4, 4, 3, padding=1, groups=4)
+    x = torch.randn(2, 4, 5, 6, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    cpu_training.depthwise_conv_module(conv, x).sum().backward()
+    assert calls == [1] and conv.bias.grad is not None
+    torch.testing.assert_close(conv.bias.grad, torch.full((4,), 2 * 5 * 6 * 6.0))
+
+
 def test_lms_3d_and_dacb_train_through_the_fast_depthwise_backward(monkeypatch):
     """LGMSNet-3D's LMS block and GLIMS's DACB (dilated convs on sub-grids included) route every depthwise conv
     through it when training on CPU; the network-level equality with the plain path is in test_speed_paths.py."""

@@ -3,8 +3,8 @@
 * :func:`pointwise_pair_blockwise` (below): LGMSNet's decoder 1x1 stack, block by block.
 * :func:`scalar_prelu`: a single-slope PReLU with a faster backward (GLIMS).
 * :func:`pointwise_conv`: a 1x1 conv on an NC(D)HW map as batched GEMMs (GLIMS).
-* :func:`depthwise_conv`: a stride-1 depthwise conv whose input gradient runs as a forward conv (LGMSNet-3D's LMS
-  block, GLIMS's DACB).
+* :func:`depthwise_conv`: a stride-1 depthwise conv whose input gradient runs as a forward conv and, in 3D, whose
+  weight gradient runs as 2D ones (:func:`depthwise3d_weight_grad`; LGMSNet-3D's LMS block, GLIMS's DACB).
 * :func:`conv2d_gemm_weight_grad`: a dense 2D 'same' conv on a channels-last map whose weight gradient runs as one
   GEMM per kernel tap (LGMSNet-2D).
 * :func:`group_norm_channels_last`: GroupNorm/InstanceNorm that keeps a channels-last map channels-last, with
@@ -410,8 +410,9 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     forward conv. With stride 1 the input gradient is the depthwise conv of the output gradient with the flipped
     kernel (padding ``dilation * (kernel - 1) - padding``). At LGMSNet-3D's level 0 (channels-last, 9 x 4 x 40 x 56
     x 40) the input gradient of the 9x9x9 conv took 352 ms in ``convolution_backward`` and 109 ms as that forward
-    conv (7x7x7: 135 against 53 ms); at GLIMS's level 0 (24 channels, 3x3x3) 156-188 against 43 ms. The weight and
-    bias gradients stay with ``convolution_backward`` (as fast as anything tried).
+    conv (7x7x7: 135 against 53 ms); at GLIMS's level 0 (24 channels, 3x3x3) 156-188 against 43 ms. In 3D the
+    weight gradient runs as 2D weight gradients on the depth-folded maps where both are channels-last
+    (:func:`depthwise3d_weight_grad`), else, like the 2D one, in ``convolution_backward``.
     """
     dims = x.ndim - 2
     kernel = weight.shape[2:]
@@ -452,12 +453,70 @@ class _DepthwiseConv(torch.autograd.Function):
             flipped_padding = [d * (k - 1) - p for p, d, k in zip(ctx.padding, ctx.dilation, weight.shape[2:])]
             grad_x = conv(grad_out, weight.flip(list(range(2, x.ndim))), None, 1, flipped_padding, ctx.dilation,
                           channels)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        wants_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        if dims == 3 and ctx.needs_input_grad[1]:
+            grad_weight = depthwise3d_weight_grad(x, grad_out, weight.shape[2:], ctx.padding, ctx.dilation)
+            if grad_weight is not None and wants_bias:
+                grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
+        if grad_weight is None and (ctx.needs_input_grad[1] or wants_bias):
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad_out, x, weight, [channels] if ctx.has_bias else None, [1] * dims, list(ctx.padding),
-                list(ctx.dilation), False, [0] * dims, channels,
-                [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+                list(ctx.dilation), False, [0] * dims, channels, [False, ctx.needs_input_grad[1], wants_bias])
         return grad_x, grad_weight, grad_bias, None, None
+
+
+#: pixels per 2D call in :func:`depthwise3d_weight_grad`. oneDNN's 2D kernel sums a call's products in float32 one
+#: after another; at GLIMS's level 0 (3x3x3, 24 channels, 9 x 40 x 56 x 40) one call per kernel depth gave 2.4e-5
+#: relative error, calls of 90 k pixels summed in float64 6.6e-6 (the 3D kernel 1e-6); time about the same
+DEPTHWISE_WEIGHT_GRAD_PIXELS = 65536
+
+
+def depthwise3d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int], pixels: int = DEPTHWISE_WEIGHT_GRAD_PIXELS
+                            ) -> Optional[torch.Tensor]:
+    """Weight gradient ``(C, 1, kD, kH, kW)`` of a stride-1 depthwise 3D conv whose output has its input's depth
+    (``x``, ``grad_out``: ``(B, C, D, H, W)``), as 2D depthwise weight gradients with the depth folded into the
+    batch; None where that does not apply (either map not channels-last, another output depth, or a kernel depth
+    offset not below ``D``).
+
+    Why: oneDNN's 3D depthwise weight gradient is slow with AVX2. At GLIMS's Hippocampus level 0 (3x3x3, 24
+    channels, 9 x 40 x 56 x 40) it took 464 ms, as 2D weight gradients 53 ms; on the sub-grid stack of the
+    dilation-2 conv (72 x 20 x 28 x 20) 754 against 52 ms; LGMSNet-3D's 9x9x9 on 4 channels 699 against 455 ms
+    (2 cores of an AMD EPYC).
+
+    How: as ``(B*D, C, H, W)`` images (a view of a channels-last map), kernel depth ``kd`` correlates output image
+    ``r`` with input image ``r + o``, ``o = kd * dilation_D - padding_D``: a 2D depthwise weight gradient with the
+    in-plane padding and dilation. Over the folded batch, a sample's last (``o > 0``) or first (``o < 0``) ``|o|``
+    output images then meet the neighbouring sample's input images where the conv's zero padding lies; those pairs
+    are computed on their own and subtracted. Calls of at most ``pixels`` pixels, summed in float64.
+    """
+    if not (x.ndim == 5 and grad_out.shape == x.shape and pixels_dense(x) and pixels_dense(grad_out)):
+        return None
+    b, c, depth, h, w = x.shape
+    offsets = [kd * dilation[0] - padding[0] for kd in range(kernel[0])]
+    if any(abs(o) >= depth for o in offsets):
+        return None
+    images_x, images_g = (t.movedim(1, -1).reshape(b * depth, h, w, c).movedim(-1, 1) for t in (x, grad_out))
+    in_plane = torch.empty((c, 1, *kernel[1:]), dtype=x.dtype)  # (only its shape is read)
+
+    def weight_grad(g: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            g, inp, in_plane, None, [1, 1], list(padding[1:]), list(dilation[1:]), False, [0, 0], c,
+            [False, True, False])[1].double()
+
+    grad = torch.zeros((c, 1, *kernel), dtype=torch.float64)
+    step = max(1, pixels // (h * w))
+    for kd, o in enumerate(offsets):
+        n = b * depth - abs(o)
+        g_rows, x_rows = (images_g[:n], images_x[o:]) if o >= 0 else (images_g[-o:], images_x[:n])
+        for start in range(0, n, step):
+            grad[:, :, kd] += weight_grad(g_rows[start:start + step], x_rows[start:start + step])
+        for j in range(abs(o) if b > 1 else 0):  # the pairs across samples, one image per sample pair
+            if o > 0:
+                grad[:, :, kd] -= weight_grad(grad_out[:-1, :, depth - o + j], x[1:, :, j])
+            else:
+                grad[:, :, kd] -= weight_grad(grad_out[1:, :, j], x[:-1, :, depth + o + j])
+    return grad.to(x.dtype)
 
 
 #: :func:`conv2d_gemm_weight_grad` takes convs with at least this many ``C_in * C_out`` (measured: 16 x 16 and 32 x 16
