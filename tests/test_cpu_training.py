@@ -308,6 +308,40 @@ def test_in_place_scalar_prelu_after_a_norm_equals_nn_prelu(dtype, slope, norm):
                                    atol=1e-10 if dtype == torch.float64 else 1e-4 * magnitude(b))
 
 
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` (B, C, D, H, W) contiguous, channels-last, or as channels 2.. of a wider contiguous map (a slice)."""
+    if layout == "channel_slice":
+        wide = torch.zeros(t.shape[0], t.shape[1] + 4, *t.shape[2:], dtype=t.dtype)
+        wide[:, 2:2 + t.shape[1]] = t
+        return wide[:, 2:2 + t.shape[1]]
+    return t.contiguous(memory_format=torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("output_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "channel_slice"])
+def test_in_place_scalar_prelu_slope_gradient_in_any_layout(output_layout, grad_layout):
+    """The slope's gradient pairs each output element with its own gradient element whatever the two layouts (the
+    gradient of a concatenated map arrives as a channel slice), in float64 as ``nn.PReLU``'s; where both are dense
+    in one layout the pairing is made of views, without copies."""
+    torch.manual_seed(0)
+    x = _in_layout(torch.randn(2, 3, 4, 5, 6, dtype=torch.float64), output_layout)
+    grad = _in_layout(torch.randn(2, 3, 4, 5, 6, dtype=torch.float64), grad_layout)
+    slopes = []
+    for act in (ScalarPReLU(init=0.25, inplace=True), nn.PReLU(init=0.25)):
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        act.double()(nn.GroupNorm(3, 3).double()(xi)).backward(grad)
+        slopes.append(act.weight.grad)
+    torch.testing.assert_close(slopes[0], slopes[1], rtol=1e-10, atol=1e-12)
+
+    values = torch.arange(2 * 3 * 4 * 5 * 6, dtype=torch.float64).view(2, 3, 4, 5, 6)
+    x, grad = _in_layout(values, output_layout), _in_layout(values, grad_layout)
+    flat_x, flat_grad = cpu_training._flat_in_memory_order(x, grad)
+    assert torch.equal(flat_x, flat_grad)  # element for element
+    assert torch.equal(flat_x.sort().values, values.flatten())
+    views = flat_x.data_ptr() == x.data_ptr() and flat_grad.data_ptr() == grad.data_ptr()
+    assert views == (output_layout == grad_layout)
+
+
 def test_in_place_scalar_prelu_leaves_views_and_leaves_alone():
     act = ScalarPReLU(inplace=True)
     base = torch.randn(2, 4, 6, requires_grad=True) * 1.0
