@@ -633,6 +633,53 @@ def test_pointwise_conv_declines_where_it_does_not_apply():
         assert cpu_training.pointwise_conv(nn.Conv2d(4, 3, 1), x) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_on_parts_equals_the_conv_on_their_concatenation(dtype, bias):
+    """Several maps as the conv's input channels (one GEMM per part, summed in place): the output, every part's
+    gradient (each contiguous) and both parameter gradients of ``conv(torch.cat(parts, dim=1))``."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(9, 5, 1, bias=bias).to(dtype)
+    parts = [torch.randn(2, c, 3, 4, 5, dtype=dtype) for c in (2, 3, 4)]
+    results = []
+    for fast in (True, False):
+        inputs = [p.clone().requires_grad_(True) for p in parts]
+        conv.zero_grad()
+        y = cpu_training.pointwise_conv(conv, inputs) if fast else conv(torch.cat(inputs, dim=1))
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
+        results.append([y.detach()] + [p.grad for p in inputs] + [p.grad.clone() for p in conv.parameters()])
+    for a, b in zip(*results):
+        close(a, b, magnitude(b))
+    assert all(g.is_contiguous() for g in results[0][1:4])
+
+
+def test_pointwise_conv_on_parts_declines_where_it_does_not_apply():
+    conv = nn.Conv3d(5, 3, 1)
+    a, b = torch.randn(2, 2, 3, 4, 5), torch.randn(2, 3, 3, 4, 5)
+    assert cpu_training.pointwise_conv(conv, [a, b]) is not None
+    assert cpu_training.pointwise_conv(conv, [a, b[:, :2]]) is None  # 4 channels for a 5-channel conv
+    assert cpu_training.pointwise_conv(conv, [a, b[:, :, :2].contiguous()]) is None  # other spatial size
+    assert cpu_training.pointwise_conv(conv, [a, b[:1]]) is None  # other batch
+    assert cpu_training.pointwise_conv(conv, [a, b.contiguous(memory_format=torch.channels_last_3d)]) is None
+
+
+@pytest.mark.parametrize("parts_training", [True, False])
+def test_dacb_training_forms_no_branch_concatenation(parts_training):
+    """GLIMS's DACB in CPU training: its first 1x1 conv sums one GEMM per branch instead of convolving their
+    concatenation (equality with the plain network: test_speed_paths.py)."""
+    from torch.profiler import profile
+    from nnunetv2_lgms.networks.glims_blocks import DACB
+    torch.manual_seed(0)
+    block = DACB(nn.Conv3d, 4, 8).train()
+    block.parts_training = parts_training
+    x = torch.randn(2, 4, 6, 7, 6, requires_grad=True)
+    with profile() as prof:
+        y = block(x)
+    y.sum().backward()  # (its only concatenation joins the 1x1 weight's gradient parts)
+    cats = sum(e.count for e in prof.key_averages() if e.key == "aten::cat")
+    assert cats == (0 if parts_training else 1)
+
+
 def test_glims_training_runs_its_1x1_convs_and_heads_as_gemms(monkeypatch):
     """Every 1x1 conv of GLIMS's conv-IN-PReLU units and all five heads take the GEMM path in CPU training (the
     network-level equality with the plain path is in test_speed_paths.py)."""

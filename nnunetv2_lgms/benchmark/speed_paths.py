@@ -61,6 +61,7 @@ def disable_speed_paths(net: nn.Module) -> nn.Module:
             m.fast_inference = False
             m.fast_depthwise_backward = False
             m.sub_grid_inference = False
+            m.parts_training = False
         if isinstance(m, CSAB):
             m.skip_constant_spatial_gate = False
         if isinstance(m, StridedConvINPReLU):

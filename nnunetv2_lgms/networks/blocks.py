@@ -217,14 +217,21 @@ class ConvNormAct(nn.Sequential):
         return conv_then(conv, x, weight, bias, rest, self.fuse_activation, self.norm_in_place)
 
     def forward_on_parts(self, parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``self(torch.cat(parts, dim=1))`` for a 1x1 conv with a per-sample norm, without forming the
-        concatenation: the conv is one GEMM per part, block by block, with an activation right after it applied per
-        block (:func:`~nnunetv2_lgms.networks.cpu_inference.pointwise_convs_blockwise`); the norm and what follows
-        run in place (:func:`norm_act_on_fresh`). None where that path does not apply (training, paths switched
-        off, a conv that is not a plain 1x1, a foldable BatchNorm, parts not channels-last, not CPU float32
-        inference)."""
+        """``self(torch.cat(parts, dim=1))`` for a 1x1 conv, without forming the concatenation. None where no such
+        path applies (nothing computed then).
+
+        In inference, with a per-sample norm: the conv is one GEMM per part, block by block, with an activation right
+        after it applied per block (:func:`~nnunetv2_lgms.networks.cpu_inference.pointwise_convs_blockwise`); the
+        norm and what follows run in place (:func:`norm_act_on_fresh`). Needs channels-last parts, CPU float32,
+        no foldable BatchNorm. In CPU training (``gemm_pointwise``): one batched GEMM per contiguous NC(D)HW part,
+        summed in place (:func:`~nnunetv2_lgms.networks.cpu_training.pointwise_conv`), then the other layers."""
         conv, rest = self[0], list(self)[1:]
-        if (self.training or not (self.fuse_activation and self.norm_in_place) or conv.groups != 1
+        if self.training:
+            y = pointwise_conv(conv, parts) if self.gemm_pointwise else None
+            for layer in rest if y is not None else ():
+                y = layer(y)
+            return y
+        if (not (self.fuse_activation and self.norm_in_place) or conv.groups != 1
                 or conv.weight.shape[2:].numel() != 1 or not any(is_per_sample_norm(m) for m in rest)):
             return None
         act = rest[0] if rest and type(rest[0]) in IN_PLACE_ACTIVATIONS else nn.Identity()

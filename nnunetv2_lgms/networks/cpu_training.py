@@ -345,28 +345,39 @@ class _ScalarPReLU(torch.autograd.Function):
         return grad_x, grad_weight
 
 
-def pointwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def pointwise_conv(conv: nn.Module, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Optional[torch.Tensor]:
     """``conv(x)`` for a 1x1 conv (stride 1, no padding, one group) on a contiguous NC(D)HW CPU map with autograd,
-    as one batched GEMM per sample, ``W (C_out, C_in) @ x (C_in, pixels) + b``; its backward is GEMMs too. None
-    where it does not apply (no autograd, not CPU, autocast, ``torch.compile``, a channels-last map, another conv).
+    as one batched GEMM per sample, ``W (C_out, C_in) @ x (C_in, pixels) + b``; its backward is GEMMs too. ``x`` may
+    also be several maps that together are the conv's input channels: ``conv(torch.cat(x, dim=1))`` as one GEMM
+    per part, summed in place, so that the concatenation is never formed and each part gets its own contiguous
+    gradient. None where it does not apply (no autograd, not CPU, autocast, ``torch.compile``, a map not contiguous
+    NC(D)HW, parts of other batch or spatial sizes, another conv).
 
     Why: oneDNN runs these convs on NC(D)HW maps through reorders to its blocked layout. At GLIMS's level 0 (9 x 72 x
     40 x 56 x 40 -> 48 channels) forward + backward took 661-734 ms as a conv, 397-427 ms as a conv on a channels-last
     map and 310 ms as this GEMM (2 cores). GLIMS trains NC(D)HW because its per-channel norms are faster there.
     """
-    if not (torch.is_grad_enabled() and x.device.type == "cpu" and not is_compiling()
-            and not torch.is_autocast_enabled("cpu") and x.ndim in (4, 5) and x.is_contiguous()
-            and x.dtype in (torch.float32, torch.float64) and _is_plain_pointwise(conv, x.dtype)
-            and x.shape[1] == conv.in_channels):
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    if not (torch.is_grad_enabled() and not is_compiling() and not torch.is_autocast_enabled("cpu") and parts
+            and _is_plain_pointwise(conv, parts[0].dtype)
+            and sum(p.shape[1] for p in parts) == conv.in_channels
+            and all(p.device.type == "cpu" and p.ndim in (4, 5) and p.is_contiguous() and p.dtype == parts[0].dtype
+                    and p.dtype in (torch.float32, torch.float64) and p.shape[0] == parts[0].shape[0]
+                    and p.shape[2:] == parts[0].shape[2:] for p in parts)):
         return None
-    b, pixels = x.shape[0], x.shape[2:].numel()
-    weight = conv.weight.reshape(conv.out_channels, conv.in_channels).expand(b, -1, -1)
-    columns = x.view(b, conv.in_channels, pixels)
-    if conv.bias is None:
-        y = torch.bmm(weight, columns)
-    else:
-        y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(b, -1, pixels), weight, columns)
-    return y.view(b, conv.out_channels, *x.shape[2:])
+    b, size = parts[0].shape[0], parts[0].shape[2:]
+    pixels = size.numel()
+    weights = conv.weight.reshape(conv.out_channels, conv.in_channels).split([p.shape[1] for p in parts], dim=1)
+    y = None
+    for part, weight in zip(parts, weights):
+        columns, weight = part.view(b, part.shape[1], pixels), weight.expand(b, -1, -1)
+        if y is not None:
+            y = y.baddbmm_(weight, columns)
+        elif conv.bias is None:
+            y = torch.bmm(weight, columns)
+        else:
+            y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(b, -1, pixels), weight, columns)
+    return y.view(b, conv.out_channels, *size)
 
 
 class _ScalarPReLUInPlace(torch.autograd.Function):
