@@ -439,14 +439,20 @@ def test_depthwise3d_weight_grad_declines_where_it_does_not_apply():
     assert cpu_training.depthwise3d_weight_grad(x, x.clone(), (3, 3, 3), (5, 1, 1), (5, 1, 1)) is None
 
 
-def test_depthwise_conv_backward_takes_the_folded_weight_grad_in_3d_channels_last(monkeypatch):
-    calls = []
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+def test_depthwise_conv_backward_takes_the_folded_weight_grad_in_3d_channels_last(monkeypatch, grad_layout):
+    """A channels-last 3D depthwise conv gets its weight gradient folded, also when its output gradient arrives
+    NCDHW (the gradient is brought to the input's layout first)."""
+    applied = []
     real = cpu_training.depthwise3d_weight_grad
-    monkeypatch.setattr(cpu_training, "depthwise3d_weight_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cpu_training, "depthwise3d_weight_grad",
+                        lambda *a, **k: applied.append(real(*a, **k) is not None) or real(*a, **k))
     conv = nn.Conv3d(4, 4, 3, padding=1, groups=4)
     x = torch.randn(2, 4, 5, 6, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
-    cpu_training.depthwise_conv_module(conv, x).sum().backward()
-    assert calls == [1] and conv.bias.grad is not None
+    y = cpu_training.depthwise_conv_module(conv, x)
+    grad = torch.ones(y.shape)
+    y.backward(grad.contiguous(memory_format=torch.channels_last_3d) if grad_layout == "channels_last" else grad)
+    assert applied == [True]
     torch.testing.assert_close(conv.bias.grad, torch.full((4,), 2 * 5 * 6 * 6.0))
 
 
