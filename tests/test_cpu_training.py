@@ -686,6 +686,26 @@ def test_dacb_training_forms_no_branch_concatenation(parts_training):
     assert cats == (0 if parts_training else 1)
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_dacb_training_on_branch_parts_equals_the_plain_block(dim):
+    """GLIMS's DACB in CPU training with every speed path (branch parts, sub-grids, the depthwise convs' backward,
+    PReLUs) against the plain block, float64: output, input gradient and every parameter gradient, in 2D and 3D."""
+    from nnunetv2_lgms.networks.glims_blocks import DACB
+    torch.manual_seed(0)
+    block = DACB(nn.Conv2d if dim == 2 else nn.Conv3d, 4, 8).double().train()
+    plain = disable_speed_paths(copy.deepcopy(block))
+    x = torch.randn((2, 4, 9, 7, 6)[:dim + 2], dtype=torch.float64)
+    results = []
+    for net in (block, plain):
+        xi = x.clone().requires_grad_(True)
+        y = net(xi)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=x.dtype).view_as(y))
+        results.append([y.detach(), xi.grad] + [p.grad for p in net.parameters() if p.requires_grad])
+    scale = max(magnitude(b) for b in results[1])  # (conv biases before a norm get zero gradients up to round-off)
+    for a, b in zip(*results):
+        close(a, b, scale)
+
+
 def test_glims_training_runs_its_1x1_convs_and_heads_as_gemms(monkeypatch):
     """Every 1x1 conv of GLIMS's conv-IN-PReLU units and all five heads take the GEMM path in CPU training (the
     network-level equality with the plain path is in test_speed_paths.py)."""
