@@ -228,8 +228,9 @@ class ConvNormAct(nn.Sequential):
         conv, rest = self[0], list(self)[1:]
         if self.training:
             y = pointwise_conv(conv, parts) if self.gemm_pointwise else None
-            for layer in rest if y is not None else ():
-                y = layer(y)
+            if y is not None:
+                for layer in rest:
+                    y = layer(y)
             return y
         if (not (self.fuse_activation and self.norm_in_place) or conv.groups != 1
                 or conv.weight.shape[2:].numel() != 1 or not any(is_per_sample_norm(m) for m in rest)):
