@@ -202,11 +202,7 @@ class ConvNormAct(nn.Sequential):
             y = pointwise_conv(self[0], x) if self.gemm_pointwise else None
             if y is None and self.gemm_weight_grad:
                 y = conv2d_gemm_weight_grad_module(self[0], x)
-            if y is None:
-                return super().forward(x)
-            for layer in list(self)[1:]:
-                y = layer(y)
-            return y
+            return super().forward(x) if y is None else self._after_conv(y)
         conv, rest = self[0], list(self)[1:]
         weight, bias = conv.weight, conv.bias
         if self.norm_follows_conv and self.fold_batch_norm and foldable_batch_norm(rest[0]):
@@ -215,6 +211,12 @@ class ConvNormAct(nn.Sequential):
         elif self.norm_follows_conv and not (self.norm_in_place and is_per_sample_norm(rest[0])):
             return super().forward(x)
         return conv_then(conv, x, weight, bias, rest, self.fuse_activation, self.norm_in_place)
+
+    def _after_conv(self, y: torch.Tensor) -> torch.Tensor:
+        """The layers after the conv, as ``nn.Sequential`` runs them, on the conv's output ``y``."""
+        for layer in list(self)[1:]:
+            y = layer(y)
+        return y
 
     def forward_on_parts(self, parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         """``self(torch.cat(parts, dim=1))`` for a 1x1 conv, without forming the concatenation. None where no such
@@ -228,10 +230,7 @@ class ConvNormAct(nn.Sequential):
         conv, rest = self[0], list(self)[1:]
         if self.training:
             y = pointwise_conv(conv, parts) if self.gemm_pointwise else None
-            if y is not None:
-                for layer in rest:
-                    y = layer(y)
-            return y
+            return None if y is None else self._after_conv(y)
         if (not (self.fuse_activation and self.norm_in_place) or conv.groups != 1
                 or conv.weight.shape[2:].numel() != 1 or not any(is_per_sample_norm(m) for m in rest)):
             return None
