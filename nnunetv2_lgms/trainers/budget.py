@@ -5,9 +5,11 @@ nnU-Net's default (1000 epochs x 250 iterations, 50 validation iterations, the p
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
 
 
 class TrainingBudget:
@@ -55,3 +57,101 @@ class CPUBenchmarkBudget3D(TrainingBudget):
     """The reduced 3D protocol of the committed CPU benchmarks: 10 epochs x 12 iterations at batch 2, 4 validation
     iterations (3D steps cost ~10x more on CPU)."""
     epochs, iterations_per_epoch, val_iterations_per_epoch, batch_size = 10, 12, 4, 2
+
+
+class WallClockBudget(TrainingBudget):
+    """Trains for ``budget_minutes`` of wall-clock time instead of a number of epochs, for equal-time comparisons.
+
+    * The clock runs only inside :meth:`run_epoch` (data loading, training steps, the online validation); start-up,
+      snapshots, the final checkpoint and nnU-Net's final validation are not counted. The budget is checked before
+      every iteration, so a run ends at most one training step past it.
+    * The trainer's own LR schedule is stretched over the budget: each epoch's LR is the one its schedule gives at
+      epoch ``(time used / budget) * num_epochs``, so nnU-Net's poly decay (or GLIMS's warm-up and cosine) reaches
+      its end when the budget does.
+    * Every ``snapshot_minutes`` of budget a snapshot ``checkpoint_t<seconds>s.pth`` (the network's weights and what
+      ``nnUNetPredictor`` needs) is written, for accuracy against time.
+    * ``clock.json`` in the fold folder records the wall and CPU seconds of every epoch.
+
+    :meth:`run_epoch` is public so that several such trainers can share a machine epoch by epoch
+    (``python -m nnunetv2_lgms.benchmark.equal_time``): the machine's load then falls on all of them alike.
+    """
+
+    budget_minutes: float = 45.0
+    snapshot_minutes: Optional[float] = 5.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.seconds_used = 0.0
+        self.cpu_seconds_used = 0.0
+        self.clock: list = []
+
+    @property
+    def budget_seconds(self) -> float:
+        return 60.0 * self.budget_minutes
+
+    def budget_spent(self) -> bool:
+        return self.seconds_used >= self.budget_seconds
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        stretched = min(self.num_epochs - 1, int(self.seconds_used / self.budget_seconds * self.num_epochs))
+        self.lr_scheduler.step(stretched)
+        self.logger.log("lrs", self.optimizer.param_groups[0]["lr"], self.current_epoch)
+        self.print_to_log_file(f"Budget used: {self.seconds_used:.0f} of {self.budget_seconds:.0f} s, learning rate "
+                               f"{self.optimizer.param_groups[0]['lr']:.5f} (schedule epoch {stretched})")
+
+    def run_epoch(self) -> None:
+        """One epoch of at most ``num_iterations_per_epoch`` steps, ending early when the budget is spent."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.on_epoch_start()
+        self.on_train_epoch_start()
+        outputs = []
+        for _ in range(self.num_iterations_per_epoch):
+            outputs.append(self.train_step(next(self.dataloader_train)))
+            if self.seconds_used + time.perf_counter() - wall >= self.budget_seconds:
+                break
+        self.on_train_epoch_end(outputs)
+        with torch.no_grad():
+            self.on_validation_epoch_start()
+            self.on_validation_epoch_end([self.validation_step(next(self.dataloader_val))
+                                          for _ in range(self.num_val_iterations_per_epoch)])
+        self.on_epoch_end()
+        before = self.seconds_used
+        self.seconds_used += time.perf_counter() - wall
+        self.cpu_seconds_used += time.process_time() - cpu
+        self.clock.append({"epoch": self.current_epoch - 1, "iterations": len(outputs),
+                           "wall_s": round(self.seconds_used, 2), "cpu_s": round(self.cpu_seconds_used, 2)})
+        self._snapshot_crossed(before)
+        save_json(self.clock, join(self.output_folder, "clock.json"))
+
+    def _snapshot_crossed(self, before: float) -> None:
+        if not self.snapshot_minutes:
+            return
+        every = 60.0 * self.snapshot_minutes
+        if int(self.seconds_used // every) > int(before // every) or self.budget_spent():
+            self.save_snapshot(join(self.output_folder, f"checkpoint_t{int(round(self.seconds_used)):05d}s.pth"))
+
+    def save_snapshot(self, filename: str) -> None:
+        """The network's weights with what ``nnUNetPredictor.initialize_from_trained_model_folder`` reads."""
+        if self.local_rank != 0:
+            return
+        network = self.network.module if self.is_ddp else self.network
+        network = getattr(network, "_orig_mod", network)
+        torch.save({"network_weights": network.state_dict(), "init_args": self.my_init_kwargs,
+                    "trainer_name": self.__class__.__name__, "current_epoch": self.current_epoch,
+                    "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+                    "budget_seconds_used": self.seconds_used, "cpu_seconds_used": self.cpu_seconds_used}, filename)
+
+    def run_training(self):
+        self.on_train_start()
+        while not self.budget_spent():
+            self.run_epoch()
+        self.on_train_end()
+
+
+class CPUEqualTimeBudget(WallClockBudget):
+    """The equal-time CPU comparison of ``results/``: 45 minutes, epochs of 10 iterations and 2 online-validation
+    iterations (so that several trainers can take turns on one machine), a snapshot every 5 minutes."""
+    budget_minutes, snapshot_minutes = 45.0, 5.0
+    iterations_per_epoch, val_iterations_per_epoch = 10, 2

@@ -2,7 +2,8 @@
 demo and the CPU benchmarks compare LGMSNet/GLIMS with vanilla nnU-Net trained for exactly as long."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_lgms.trainers.budget import CPUBenchmarkBudget, CPUBenchmarkBudget3D, DemoBudget, SmokeBudget
+from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, CPUEqualTimeBudget, DemoBudget,
+                                           SmokeBudget)
 
 
 class nnUNetTrainerBaseline_smoke(SmokeBudget, nnUNetTrainer):
@@ -18,4 +19,8 @@ class nnUNetTrainerBaseline_cpubench(CPUBenchmarkBudget, nnUNetTrainer):
 
 
 class nnUNetTrainerBaseline_cpubench3d(CPUBenchmarkBudget3D, nnUNetTrainer):
+    pass
+
+
+class nnUNetTrainerBaseline_cpu45min(CPUEqualTimeBudget, nnUNetTrainer):
     pass

@@ -26,9 +26,11 @@ from torch.optim.lr_scheduler import _LRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_lgms.acceleration import accelerate
 from nnunetv2_lgms.networks.glims import GLIMS, glims_deep_supervision_scales
-from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, DemoBudget, SmokeBudget,
-                                           TrainingBudget)
+from nnunetv2_lgms.trainers.plans import plan_kernel_sizes
+from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, CPUEqualTimeBudget, DemoBudget,
+                                           SmokeBudget, TrainingBudget)
 
 
 class WarmupCosineLRScheduler(_LRScheduler):
@@ -79,9 +81,10 @@ class nnUNetTrainerGLIMS(nnUNetTrainer):
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        arch = configuration_manager.network_arch_init_kwargs
-        return GLIMS.from_plan(configuration_manager.patch_size, configuration_manager.pool_op_kernel_sizes,
-                               arch["kernel_sizes"], num_input_channels, num_output_channels, enable_deep_supervision)
+        net = GLIMS.from_plan(configuration_manager.patch_size, configuration_manager.pool_op_kernel_sizes,
+                              plan_kernel_sizes(configuration_manager), num_input_channels, num_output_channels,
+                              enable_deep_supervision)
+        return accelerate(net)[0]
 
     def _get_deep_supervision_scales(self):
         # GLIMS has 6 levels whatever the plan's stage count, hence its own scales (one per output, 5 outputs).
@@ -145,4 +148,8 @@ class nnUNetTrainerGLIMS_cpubench(CPUBenchmarkBudget, nnUNetTrainerGLIMS):
 
 
 class nnUNetTrainerGLIMS_cpubench3d(CPUBenchmarkBudget3D, nnUNetTrainerGLIMS):
+    pass
+
+
+class nnUNetTrainerGLIMS_cpu45min(CPUEqualTimeBudget, nnUNetTrainerGLIMS):
     pass

@@ -1,5 +1,6 @@
 """nnU-Net trainers for LGMSNet: nnU-Net's default recipe (SGD, poly LR, DC+CE/BCE, deep supervision), only the
-network changes."""
+network changes. The network is the reference LGMSNet with :func:`~nnunetv2_lgms.acceleration.accelerate` applied
+(``nnUNet_lgms_acceleration=none`` gives the plain reference)."""
 from __future__ import annotations
 
 from torch import nn
@@ -7,9 +8,11 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_lgms.acceleration import accelerate
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet, lgmsnet_deep_supervision_scales
-from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, DemoBudget, SmokeBudget,
-                                           TrainingBudget)
+from nnunetv2_lgms.trainers.plans import plan_kernel_sizes
+from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, CPUEqualTimeBudget, DemoBudget,
+                                           SmokeBudget, TrainingBudget)
 
 
 class nnUNetTrainerLGMSNet(nnUNetTrainer):
@@ -17,9 +20,10 @@ class nnUNetTrainerLGMSNet(nnUNetTrainer):
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        arch = configuration_manager.network_arch_init_kwargs
-        return LGMSNet.from_plan(configuration_manager.patch_size, arch["strides"], arch["kernel_sizes"],
-                                 num_input_channels, num_output_channels, enable_deep_supervision)
+        net = LGMSNet.from_plan(configuration_manager.patch_size, configuration_manager.pool_op_kernel_sizes,
+                                plan_kernel_sizes(configuration_manager), num_input_channels, num_output_channels,
+                                enable_deep_supervision)
+        return accelerate(net)[0]
 
     def _get_deep_supervision_scales(self):
         # LGMSNet has 5 levels whatever the plan's stage count, hence its own scales (one per decoder output).
@@ -74,4 +78,8 @@ class nnUNetTrainerLGMSNet_cpubench(CPUBenchmarkBudget, nnUNetTrainerLGMSNet):
 
 
 class nnUNetTrainerLGMSNet_cpubench3d(CPUBenchmarkBudget3D, nnUNetTrainerLGMSNet):
+    pass
+
+
+class nnUNetTrainerLGMSNet_cpu45min(CPUEqualTimeBudget, nnUNetTrainerLGMSNet):
     pass

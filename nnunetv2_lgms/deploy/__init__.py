@@ -1,0 +1,1 @@
+"""Export of trained folds to inference runtimes (ONNX Runtime, OpenVINO) and prediction through them."""
