@@ -3,7 +3,7 @@
 # (in an environment with this package installed and a CUDA GPU; writes into results/).
 #   h100 (default): results/speed_gpu_h100, CUDA-graph inference as shipped / off / for every network, the
 #                   sliding-window prediction and the kernel profile (see results/speed_gpu_h100/README.md)
-#   h200:           results/speed_gpu and results/speed_gpu_compiled (an earlier session, before CUDA graphs)
+#   h200:           results/speed_gpu (every network eager) and results/speed_gpu_compiled (torch.compile)
 set -euo pipefail
 RESULTS=$(realpath "$(dirname "$0")")
 REPORT="python -m nnunetv2_lgms.benchmark.speed_report --device cuda --presets 2d-256 hippocampus-3d --repeats 10 --warmup 3"
@@ -20,7 +20,7 @@ case "${1:-h100}" in
     ;;
   h200)
     $REPORT -tr nnUNetTrainer nnUNetTrainerLGMSNet nnUNetTrainerGLIMS --cuda-graphs off --out "$RESULTS/speed_gpu"
-    # compiled: batch-1 forward only (the compiled training step did not fit the session's 15 minutes of GPU time)
+    # compiled: batch-1 forward only (the compiled training step was not measured)
     python -m nnunetv2_lgms.benchmark.speed_report --device cuda --compile --batch-1-only --presets 2d-256 \
       hippocampus-3d -tr nnUNetTrainer nnUNetTrainerLGMSNet --repeats 10 --warmup 3 --out "$RESULTS/speed_gpu_compiled"
     ;;
