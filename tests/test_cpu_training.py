@@ -1,17 +1,29 @@
-"""The blockwise CPU training path (networks/cpu_training.py, issue 6) computes what the modules compute: outputs,
-every gradient and the BatchNorms' running statistics, exactly in float64 and within float32 round-off; and it
-declines (touching nothing) wherever its conditions do not hold."""
+"""The CPU training kernels (acceleration/cpu_kernels.py) and the accelerated modules that run them
+(acceleration/cpu_training.py, setting ``cpu_training``) compute what the reference modules compute: outputs,
+every gradient and the BatchNorms' running statistics, exactly in float64 and within float32 round-off; and the
+kernels decline (touching nothing) wherever their conditions do not hold.
+
+"fast" is the accelerated copy of a reference module (``accelerate(copy.deepcopy(reference))``), "plain" the
+reference module itself (nnunetv2_lgms/networks)."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
-from nnunetv2_lgms.networks import cpu_training, lgms_blocks
-from nnunetv2_lgms.networks.blocks import ScalarPReLU
-from nnunetv2_lgms.networks.cpu_training import pointwise_pair_blockwise
+from nnunetv2_lgms.acceleration import SETTINGS, accelerate, cpu_kernels, cpu_training
+from nnunetv2_lgms.acceleration.cpu_kernels import pointwise_pair_blockwise
+from nnunetv2_lgms.networks import lgms_blocks
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv
+
+ALL_SETTINGS = tuple(SETTINGS)  # explicit, so that nnUNet_lgms_acceleration in the environment cannot switch it off
+
+
+def accelerated(module: nn.Module) -> nn.Module:
+    """The accelerated copy of a reference module (every setting, as the trainers build it); ``module`` untouched."""
+    fast, report = accelerate(copy.deepcopy(module), ALL_SETTINGS)
+    assert report.swapped, "nothing accelerated"
+    return fast
 
 
 def close(a, b, scale, msg=None):
@@ -167,22 +179,23 @@ def test_pointwise_pair_blockwise_backward_keeps_what_it_saved():
 def test_fusion_conv_training_on_parts_equals_the_plain_module_on_the_concatenation(dtype, monkeypatch):
     """LGMSNet's decoder hands ``[skip, up]`` as parts: in CPU training one dense conv per part and the blockwise
     stack on the two parts (no concatenation), with the values, gradients and running statistics of the plain
-    module on the concatenation."""
+    module on the concatenation (the reference module, which only ever sees the concatenation)."""
     torch.manual_seed(0)
-    block = FusionConv(nn.Conv2d, 12, 6, nn.BatchNorm2d).to(dtype).train()
-    ref = disable_speed_paths(copy.deepcopy(block))
+    ref = FusionConv(nn.Conv2d, 12, 6, nn.BatchNorm2d).to(dtype).train()
+    block = accelerated(ref)
+    assert isinstance(block, cpu_training.FusionConv) and type(ref) is FusionConv
     seen = []
-    real = lgms_blocks.pointwise_pair_blockwise
-    monkeypatch.setattr(lgms_blocks, "pointwise_pair_blockwise",
+    real = cpu_training.pointwise_pair_blockwise
+    monkeypatch.setattr(cpu_training, "pointwise_pair_blockwise",
                         lambda x, *a, **k: seen.append([p.shape[1] for p in x]) or real(x, *a, **k))
     skip, up = channels_last_input((2, 6, 9, 11), dtype), channels_last_input((2, 6, 9, 11), dtype, seed=2)
     results = []
     for module in (block, ref):
         s, u = skip.clone().requires_grad_(True), up.clone().requires_grad_(True)
-        out = module.forward_parts([s, u])
+        out = module.forward_parts([s, u]) if module is block else module(torch.cat([s, u], dim=1))
         (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
         results.append([out.detach(), s.grad, u.grad] + [p.grad for p in module.parameters()])
-    assert seen == [[6, 6]]  # the fast module's stack got the two activated parts; the plain one never asked
+    assert seen == [[6, 6]]  # the fast module's stack got the two activated parts; the reference never asks
     scale = max(magnitude(g) for g in results[1])
     for a, b in zip(*results):
         close(a, b, scale)
@@ -205,7 +218,7 @@ def test_pointwise_pair_blockwise_declines_and_touches_nothing():
     assert not declined(copy.deepcopy(layers))  # the baseline case applies
     assert declined(layers, x.contiguous())  # not channels-last
     with torch.no_grad():
-        assert declined(layers)  # inference: the eval-mode paths of cpu_inference apply there
+        assert declined(layers)  # inference: a training kernel only
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert declined(layers)  # the modules' per-op autocast dtypes are what the user asked for
     variants = {
@@ -229,11 +242,11 @@ def test_pointwise_pair_blockwise_declines_and_touches_nothing():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fusion_conv_training_runs_blockwise_and_equals_the_plain_modules(dtype, monkeypatch):
     torch.manual_seed(0)
-    block = FusionConv(nn.Conv2d, 12, 5, nn.BatchNorm2d).to(dtype).train()
-    ref = disable_speed_paths(copy.deepcopy(block))
+    ref = FusionConv(nn.Conv2d, 12, 5, nn.BatchNorm2d).to(dtype).train()
+    block = accelerated(ref)
     calls = []
-    real = lgms_blocks.pointwise_pair_blockwise
-    monkeypatch.setattr(lgms_blocks, "pointwise_pair_blockwise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_training.pointwise_pair_blockwise
+    monkeypatch.setattr(cpu_training, "pointwise_pair_blockwise", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = channels_last_input((2, 12, 9, 11), dtype)
     outs, grads = [], []
     for net in (block, ref):
@@ -242,7 +255,7 @@ def test_fusion_conv_training_runs_blockwise_and_equals_the_plain_modules(dtype,
         (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
         outs.append(out.detach())
         grads.append([xi.grad] + [p.grad for p in net.parameters()])
-    assert len(calls) == 1  # the fast module ran the blockwise path (the plain one, switched off, does not ask)
+    assert len(calls) == 1  # the accelerated module ran the blockwise path (the reference does not ask)
     close(outs[0], outs[1], magnitude(outs[1]))
     scale = max(magnitude(g) for g in grads[1])
     for a, b in zip(grads[0], grads[1]):
@@ -263,43 +276,47 @@ def test_scalar_prelu_equals_nn_prelu_forward_and_backward(dtype, channels_last,
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     grad = torch.randn(x.shape, dtype=dtype)
-    fast, plain = ScalarPReLU(init=slope).to(dtype), nn.PReLU(init=slope).to(dtype)
     results = []
-    for module in (fast, plain):
+    for fast in (True, False):
+        module = nn.PReLU(init=slope).to(dtype)
         xi = x.clone().requires_grad_(True)
-        y = module(xi)
+        y = cpu_kernels.scalar_prelu(xi, module.weight) if fast else module(xi)
+        assert y is not None  # the fast function ran (autograd on, CPU)
         y.backward(grad)
         results.append((y.detach(), xi.grad, module.weight.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-5)
-    assert cpu_training.scalar_prelu(x, fast.weight) is not None  # the fast function ran (autograd on, CPU)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("slope", [0.25, -0.7])
 @pytest.mark.parametrize("norm", ["group", "instance"])
 def test_in_place_scalar_prelu_after_a_norm_equals_nn_prelu(dtype, slope, norm):
-    """``ScalarPReLU(inplace=True)`` after a norm (as GLIMS uses it): the norm's output is overwritten for a positive
-    slope (out of place for a negative one), and values and all gradients (input, slope, norm affine) equal
-    ``nn.PReLU`` after the same norm."""
-    from nnunetv2_lgms.networks.blocks import LayoutKeepingInstanceNorm3d
+    """The accelerated modules' PReLU after a norm (``prelu_after_norm``, as GLIMS's accelerated blocks use it, after
+    GroupNorm or the accelerated InstanceNorm3d): the norm's output is overwritten for a positive slope (out of place
+    for a negative one), and values and all gradients (input, slope, norm affine) equal ``nn.PReLU`` after the
+    reference norm."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, 7, 4, dtype=dtype) * 2 + 0.3
     grad = torch.randn(x.shape, dtype=dtype)
-    make_norm = (lambda: nn.GroupNorm(5, 5)) if norm == "group" else (lambda: LayoutKeepingInstanceNorm3d(5,
-                                                                                                          affine=True))
+
+    def make_norm(fast):
+        if norm == "group":
+            return nn.GroupNorm(5, 5)
+        return (cpu_training.InstanceNorm3d if fast else nn.InstanceNorm3d)(5, affine=True)
+
     results = []
-    for act in (ScalarPReLU(init=slope, inplace=True), nn.PReLU(init=slope)):
+    for fast in (True, False):
         torch.manual_seed(1)
-        layer = nn.Sequential(make_norm(), act).to(dtype)
+        layer = nn.Sequential(make_norm(fast), nn.PReLU(init=slope)).to(dtype)
         with torch.no_grad():
             layer[0].weight.uniform_(0.5, 1.5)
             layer[0].bias.uniform_(-0.5, 0.5)
         xi = x.clone().requires_grad_(True)
         normed = layer[0](xi)
         version = normed._version
-        y = layer[1](normed)
-        if isinstance(act, ScalarPReLU):
+        y = cpu_training.prelu_after_norm(layer[1], normed) if fast else layer[1](normed)
+        if fast:
             assert (y is normed and normed._version > version) == (slope > 0)
         y.backward(grad)
         results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
@@ -327,15 +344,19 @@ def test_in_place_scalar_prelu_slope_gradient_in_any_layout(output_layout, grad_
     x = _in_layout(torch.randn(2, 3, 4, 5, 6, dtype=torch.float64), output_layout)
     grad = _in_layout(torch.randn(2, 3, 4, 5, 6, dtype=torch.float64), grad_layout)
     slopes = []
-    for act in (ScalarPReLU(init=0.25, inplace=True), nn.PReLU(init=0.25)):
+    for fast in (True, False):
+        act = nn.PReLU(init=0.25).double()
         xi = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
-        act.double()(nn.GroupNorm(3, 3).double()(xi)).backward(grad)
+        normed = nn.GroupNorm(3, 3).double()(xi)
+        y = cpu_training.prelu_after_norm(act, normed) if fast else act(normed)
+        assert (y is normed) == fast  # the fast one in place
+        y.backward(grad)
         slopes.append(act.weight.grad)
     torch.testing.assert_close(slopes[0], slopes[1], rtol=1e-10, atol=1e-12)
 
     values = torch.arange(2 * 3 * 4 * 5 * 6, dtype=torch.float64).view(2, 3, 4, 5, 6)
     x, grad = _in_layout(values, output_layout), _in_layout(values, grad_layout)
-    flat_x, flat_grad = cpu_training._flat_in_memory_order(x, grad)
+    flat_x, flat_grad = cpu_kernels._flat_in_memory_order(x, grad)
     assert torch.equal(flat_x, flat_grad)  # element for element
     assert torch.equal(flat_x.sort().values, values.flatten())
     views = flat_x.data_ptr() == x.data_ptr() and flat_grad.data_ptr() == grad.data_ptr()
@@ -343,7 +364,11 @@ def test_in_place_scalar_prelu_slope_gradient_in_any_layout(output_layout, grad_
 
 
 def test_in_place_scalar_prelu_leaves_views_and_leaves_alone():
-    act = ScalarPReLU(inplace=True)
+    weight = nn.PReLU().weight
+
+    def act(x):
+        return cpu_kernels.scalar_prelu(x, weight, in_place=True)
+
     base = torch.randn(2, 4, 6, requires_grad=True) * 1.0
     view = base[:, :2]
     assert act(view) is not view  # a view: in place would make autograd copy its base's gradient
@@ -355,12 +380,12 @@ def test_in_place_scalar_prelu_leaves_views_and_leaves_alone():
 
 def test_scalar_prelu_declines_where_it_does_not_apply():
     x, w = torch.randn(2, 3, 4, 4), torch.tensor([0.25])
-    assert cpu_training.scalar_prelu(x, torch.tensor([0.25, 0.1, 0.2])) is None  # per-channel slopes
-    assert cpu_training.scalar_prelu(x.half(), w.half()) is None
+    assert cpu_kernels.scalar_prelu(x, torch.tensor([0.25, 0.1, 0.2])) is None  # per-channel slopes
+    assert cpu_kernels.scalar_prelu(x.half(), w.half()) is None
     with torch.no_grad():
-        assert cpu_training.scalar_prelu(x, w) is None  # inference: the in-place paths handle it
+        assert cpu_kernels.scalar_prelu(x, w) is None  # inference: a training kernel only
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cpu_training.scalar_prelu(x, w) is None
+        assert cpu_kernels.scalar_prelu(x, w) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -382,7 +407,7 @@ def test_depthwise_conv_equals_the_conv_forward_and_backward(dtype, channels_las
     x = torch.randn((2, 4, 11, 8, 9)[:dim + 2], dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last if dim == 2 else torch.channels_last_3d)
-    results = conv_results_fast_and_plain(conv, x, cpu_training.depthwise_conv_module)
+    results = conv_results_fast_and_plain(conv, x, cpu_kernels.depthwise_conv_module)
     for a, b in zip(*results):
         close(a, b, magnitude(b))
     assert len(results[0]) == (4 if bias else 3)
@@ -391,17 +416,17 @@ def test_depthwise_conv_equals_the_conv_forward_and_backward(dtype, channels_las
 def test_depthwise_conv_declines_where_it_does_not_apply():
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
     depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
-    assert cpu_training.depthwise_conv_module(depthwise, x) is not None
-    assert cpu_training.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding=1, groups=2), x) is None  # not depthwise
-    assert cpu_training.depthwise_conv_module(nn.Conv2d(4, 4, 3, stride=2, groups=4), x) is None
-    assert cpu_training.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding="same", groups=4), x) is None
-    assert cpu_training.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
+    assert cpu_kernels.depthwise_conv_module(depthwise, x) is not None
+    assert cpu_kernels.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding=1, groups=2), x) is None  # not depthwise
+    assert cpu_kernels.depthwise_conv_module(nn.Conv2d(4, 4, 3, stride=2, groups=4), x) is None
+    assert cpu_kernels.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding="same", groups=4), x) is None
+    assert cpu_kernels.depthwise_conv_module(nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
                                               x) is None
-    assert cpu_training.depthwise_conv(x, depthwise.weight, None, (3, 3), (1, 1)) is None  # padding > k - 1
+    assert cpu_kernels.depthwise_conv(x, depthwise.weight, None, (3, 3), (1, 1)) is None  # padding > k - 1
     with torch.no_grad():
-        assert cpu_training.depthwise_conv_module(depthwise, x) is None  # inference: the plain conv is as fast
+        assert cpu_kernels.depthwise_conv_module(depthwise, x) is None  # inference: the plain conv is as fast
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cpu_training.depthwise_conv_module(depthwise, x) is None
+        assert cpu_kernels.depthwise_conv_module(depthwise, x) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -422,7 +447,7 @@ def test_depthwise3d_weight_grad_equals_the_3d_kernel(dtype, batch, depth, kerne
     weight = torch.randn(4, 1, *kernel, dtype=dtype)
     expected = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1] * 3, list(padding), list(dilation),
                                                    False, [0] * 3, 4, [False, True, False])[1]
-    got = cpu_training.depthwise3d_weight_grad(x, grad_out, kernel, padding, dilation, pixels=pixels)
+    got = cpu_kernels.depthwise3d_weight_grad(x, grad_out, kernel, padding, dilation, pixels=pixels)
     close(got, expected, magnitude(expected))
     assert got.dtype == dtype and got.shape == weight.shape
 
@@ -431,12 +456,12 @@ def test_depthwise3d_weight_grad_declines_where_it_does_not_apply():
     cl = dict(memory_format=torch.channels_last_3d)
     x = torch.randn(2, 4, 5, 6, 6).contiguous(**cl)
     same = ((3, 3, 3), (1, 1, 1), (1, 1, 1))
-    assert cpu_training.depthwise3d_weight_grad(x, x.clone(), *same) is not None
-    assert cpu_training.depthwise3d_weight_grad(x.contiguous(), x.contiguous(), *same) is None  # NCDHW
+    assert cpu_kernels.depthwise3d_weight_grad(x, x.clone(), *same) is not None
+    assert cpu_kernels.depthwise3d_weight_grad(x.contiguous(), x.contiguous(), *same) is None  # NCDHW
     valid = x[:, :, 1:-1].contiguous(**cl)  # 'valid' padding: output depth 3, input 5
-    assert cpu_training.depthwise3d_weight_grad(x, valid, (3, 3, 3), (0, 0, 0), (1, 1, 1)) is None
+    assert cpu_kernels.depthwise3d_weight_grad(x, valid, (3, 3, 3), (0, 0, 0), (1, 1, 1)) is None
     # a kernel depth offset of 5 on a depth of 5 would pair images two samples apart
-    assert cpu_training.depthwise3d_weight_grad(x, x.clone(), (3, 3, 3), (5, 1, 1), (5, 1, 1)) is None
+    assert cpu_kernels.depthwise3d_weight_grad(x, x.clone(), (3, 3, 3), (5, 1, 1), (5, 1, 1)) is None
 
 
 @pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
@@ -444,12 +469,12 @@ def test_depthwise_conv_backward_takes_the_folded_weight_grad_in_3d_channels_las
     """A channels-last 3D depthwise conv gets its weight gradient folded, also when its output gradient arrives
     NCDHW (the gradient is brought to the input's layout first)."""
     applied = []
-    real = cpu_training.depthwise3d_weight_grad
-    monkeypatch.setattr(cpu_training, "depthwise3d_weight_grad",
+    real = cpu_kernels.depthwise3d_weight_grad
+    monkeypatch.setattr(cpu_kernels, "depthwise3d_weight_grad",
                         lambda *a, **k: applied.append(real(*a, **k) is not None) or real(*a, **k))
     conv = nn.Conv3d(4, 4, 3, padding=1, groups=4)
     x = torch.randn(2, 4, 5, 6, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
-    y = cpu_training.depthwise_conv_module(conv, x)
+    y = cpu_kernels.depthwise_conv_module(conv, x)
     grad = torch.ones(y.shape)
     y.backward(grad.contiguous(memory_format=torch.channels_last_3d) if grad_layout == "channels_last" else grad)
     assert applied == [True]
@@ -457,19 +482,25 @@ def test_depthwise_conv_backward_takes_the_folded_weight_grad_in_3d_channels_las
 
 
 def test_lms_3d_and_dacb_train_through_the_fast_depthwise_backward(monkeypatch):
-    """LGMSNet-3D's LMS block and GLIMS's DACB (dilated convs on sub-grids included) route every depthwise conv
-    through it when training on CPU; the network-level equality with the plain path is in test_speed_paths.py."""
-    from nnunetv2_lgms.networks import glims_blocks
+    """The accelerated LGMSNet-3D LMS block and GLIMS DACB (dilated convs on sub-grids included) route every
+    depthwise conv through it when training on CPU, and the reference blocks none (the network-level equality with
+    the reference is in test_golden.py)."""
     from nnunetv2_lgms.networks.glims_blocks import DACB
     calls = []
-    real = cpu_training._DepthwiseConv.apply
-    monkeypatch.setattr(cpu_training._DepthwiseConv, "apply", lambda *a: calls.append(a[1].shape) or real(*a))
+    real = cpu_kernels._DepthwiseConv.apply
+    monkeypatch.setattr(cpu_kernels._DepthwiseConv, "apply", lambda *a: calls.append(a[1].shape) or real(*a))
     x = torch.randn(2, 8, 6, 7, 6, requires_grad=True)
-    lgms_blocks.LocalMultiscaleBlock(nn.Conv3d, 8, nn.InstanceNorm3d)(x).sum().backward()
+    lms = lgms_blocks.LocalMultiscaleBlock(nn.Conv3d, 8, nn.InstanceNorm3d)
+    lms(x).sum().backward()
+    assert calls == []
+    accelerated(lms)(x).sum().backward()
     assert [tuple(s[2:]) for s in calls] == [(3, 3, 3), (5, 5, 5), (7, 7, 7), (9, 9, 9)]
     calls.clear()
-    DACB(nn.Conv3d, 8, 16)(x).sum().backward()
-    assert len(calls) == 3 and glims_blocks.DACB.fast_depthwise_backward
+    dacb = DACB(nn.Conv3d, 8, 16)
+    dacb(x).sum().backward()
+    assert calls == []
+    accelerated(dacb)(x).sum().backward()
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -487,7 +518,7 @@ def test_conv2d_gemm_weight_grad_equals_the_conv_forward_and_backward(dtype, sha
     conv = nn.Conv2d(c_in, 32, kernel, padding=tuple(k // 2 for k in kernel), bias=bias).to(dtype)
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
     results = conv_results_fast_and_plain(
-        conv, x, lambda c, t: cpu_training.conv2d_gemm_weight_grad(t, c.weight, c.bias, c.padding, block_pixels=block))
+        conv, x, lambda c, t: cpu_kernels.conv2d_gemm_weight_grad(t, c.weight, c.bias, c.padding, block_pixels=block))
     for a, b in zip(*results):
         close(a, b, magnitude(b))
     assert len(results[0]) == (4 if bias else 3)
@@ -496,36 +527,50 @@ def test_conv2d_gemm_weight_grad_equals_the_conv_forward_and_backward(dtype, sha
 def test_conv2d_gemm_weight_grad_declines_where_it_does_not_apply():
     x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     conv = nn.Conv2d(32, 32, 3, padding=1)
-    assert cpu_training.conv2d_gemm_weight_grad_module(conv, x) is not None
-    assert cpu_training.conv2d_gemm_weight_grad_module(conv, x.detach().contiguous()) is None  # NCHW
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 16, 3, padding=1), x) is None  # 512 pairs
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=1, groups=2), x) is None
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, stride=2, padding=1), x) is None
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=1, dilation=2), x) is None
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=0), x) is None  # not 'same'
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding="same"), x) is None
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 4, padding=2), x) is None  # even kernel
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 1), x) is None  # 1x1: oneDNN is as fast
-    assert cpu_training.conv2d_gemm_weight_grad_module(
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(conv, x) is not None
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(conv, x.detach().contiguous()) is None  # NCHW
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 16, 3, padding=1), x) is None  # 512 pairs
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=1, groups=2), x) is None
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, stride=2, padding=1), x) is None
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=1, dilation=2), x) is None
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding=0), x) is None  # not 'same'
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 3, padding="same"), x) is None
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 4, padding=2), x) is None  # even kernel
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv2d(32, 32, 1), x) is None  # 1x1: oneDNN is as fast
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(
         nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"), x) is None
-    assert cpu_training.conv2d_gemm_weight_grad_module(nn.Conv3d(32, 32, 3, padding=1), x.unsqueeze(2)) is None
+    assert cpu_kernels.conv2d_gemm_weight_grad_module(nn.Conv3d(32, 32, 3, padding=1), x.unsqueeze(2)) is None
     with torch.no_grad():
-        assert cpu_training.conv2d_gemm_weight_grad_module(conv, x) is None
+        assert cpu_kernels.conv2d_gemm_weight_grad_module(conv, x) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cpu_training.conv2d_gemm_weight_grad_module(conv, x) is None
+        assert cpu_kernels.conv2d_gemm_weight_grad_module(conv, x) is None
 
 
 def test_lgmsnet_2d_trains_its_wide_convs_through_the_gemm_weight_grad(monkeypatch):
-    """Which convs of LGMSNet-2D take the path at nnU-Net's widths (the network-level equality with the plain path
-    is in test_speed_paths.py): the GMS blocks' 3x3 convs, the UpConvs and FusionConv's per-part convs from 32
-    channels up; not the 1x1 convs, the stem, the LMS expansion (4 -> 16) nor the level-0 convs of 16 channels."""
+    """Which convs of the accelerated LGMSNet-2D take the path at nnU-Net's widths (the network-level equality with
+    the reference is in test_golden.py): the GMS blocks' 3x3 convs, the UpConvs and FusionConv's per-part convs from
+    32 channels up; not the 1x1 convs, the stem, the LMS expansion (4 -> 16) nor the level-0 convs of 16 channels.
+    The kernel's entry points as the accelerated modules call them (acceleration.cpu_training's namespace) are
+    counted too: every applied GEMM weight gradient came through them."""
     from nnunetv2_lgms.networks.lgmsnet import LGMSNet
-    calls = []
-    real = cpu_training._Conv2dGemmWeightGrad.apply
-    monkeypatch.setattr(cpu_training._Conv2dGemmWeightGrad, "apply",
+    calls, entries = [], []
+    real = cpu_kernels._Conv2dGemmWeightGrad.apply
+    monkeypatch.setattr(cpu_kernels._Conv2dGemmWeightGrad, "apply",
                         lambda x, w, *a: calls.append(tuple(w.shape[:2])) or real(x, w, *a))
-    net = LGMSNet(3, 2, nn.Conv2d, deep_supervision=True)
-    sum(o.sum() for o in net(torch.randn(2, 3, 64, 64))).backward()
+    for name in ("conv2d_gemm_weight_grad", "conv2d_gemm_weight_grad_module"):
+        def counting(*a, _real=getattr(cpu_training, name), **k):
+            y = _real(*a, **k)
+            entries.append(y is not None)
+            return y
+        monkeypatch.setattr(cpu_training, name, counting)
+    torch.manual_seed(0)
+    reference = LGMSNet(3, 2, nn.Conv2d, deep_supervision=True)
+    x = torch.randn(2, 3, 64, 64)
+    sum(o.sum() for o in reference(x)).backward()
+    assert calls == [] and entries == []  # the reference network runs none of it
+    net = accelerated(reference)
+    sum(o.sum() for o in net(x)).backward()
+    assert entries.count(True) == len(calls)
     assert sorted(calls) == sorted([
         (128, 64), (128, 192), (128, 128), (128, 256),  # encoder GMS 3 and 4: local and merge 3x3s
         (128, 128), (128, 256), (128, 384),  # decoder level 3: UpConv, GMS local and merge
@@ -557,7 +602,7 @@ def test_group_norm_channels_last_equals_group_norm(dtype, shape, groups, affine
         xi = x.contiguous(memory_format=fmt) if fast else x.double()
         xi.requires_grad_(True)
         params = [None if t is None else t.clone().to(xi.dtype).requires_grad_(True) for t in (weight, bias)]
-        y = cpu_training.group_norm_channels_last(xi, groups, *params, 1e-5) if fast else two_pass_group_norm(
+        y = cpu_kernels.group_norm_channels_last(xi, groups, *params, 1e-5) if fast else two_pass_group_norm(
             xi, groups, *params, 1e-5)
         y.backward(grad.to(y.dtype))
         if fast:
@@ -566,7 +611,7 @@ def test_group_norm_channels_last_equals_group_norm(dtype, shape, groups, affine
     for a, b in zip(*results):
         close(a, b.to(a.dtype), magnitude(b))
     offset = x.contiguous(memory_format=fmt) * 0.01 + 100
-    precise = cpu_training.group_norm_channels_last(offset, groups, weight, bias, 1e-5)
+    precise = cpu_kernels.group_norm_channels_last(offset, groups, weight, bias, 1e-5)
     reference = two_pass_group_norm(offset.double(), groups, *[None if t is None else t.double()
                                                                for t in (weight, bias)], 1e-5)
     close(precise, reference.to(precise.dtype), magnitude(reference))
@@ -584,23 +629,27 @@ def two_pass_group_norm(x, groups, weight, bias, eps):
 
 def test_group_norm_channels_last_declines_where_it_does_not_apply():
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
-    assert cpu_training.group_norm_channels_last(x, 4, None, None, 1e-5) is not None
-    assert cpu_training.group_norm_channels_last(x, 3, None, None, 1e-5) is None  # 4 channels in 3 groups
-    assert cpu_training.group_norm_channels_last(x.half(), 4, None, None, 1e-5) is None
-    assert cpu_training.group_norm_channels_last(x[:, :, :, ::2], 4, None, None, 1e-5) is None  # not dense
+    assert cpu_kernels.group_norm_channels_last(x, 4, None, None, 1e-5) is not None
+    assert cpu_kernels.group_norm_channels_last(x, 3, None, None, 1e-5) is None  # 4 channels in 3 groups
+    assert cpu_kernels.group_norm_channels_last(x.half(), 4, None, None, 1e-5) is None
+    assert cpu_kernels.group_norm_channels_last(x[:, :, :, ::2], 4, None, None, 1e-5) is None  # not dense
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cpu_training.group_norm_channels_last(x, 4, None, None, 1e-5) is None
+        assert cpu_kernels.group_norm_channels_last(x, 4, None, None, 1e-5) is None
 
 
-def test_layout_keeping_instance_norm_keeps_channels_last_and_the_state_dict():
-    from nnunetv2_lgms.networks.blocks import LayoutKeepingInstanceNorm3d, layout_keeping
+def test_accelerated_instance_norm_keeps_channels_last_and_the_state_dict():
+    from nnunetv2_lgms.acceleration import reference_copy, registered
     from nnunetv2_lgms.networks.lgmsnet import LGMSNet
-    assert layout_keeping(nn.InstanceNorm3d) is LayoutKeepingInstanceNorm3d
-    assert layout_keeping(nn.BatchNorm3d) is nn.BatchNorm3d
-    net = LGMSNet(1, 2, nn.Conv3d, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True})
-    assert isinstance(net.encoder.stem[1], LayoutKeepingInstanceNorm3d)  # nnU-Net's plan gives nn.InstanceNorm3d
+    assert registered()[nn.InstanceNorm3d, "cpu_training"] is cpu_training.InstanceNorm3d
+    assert not any(ref is nn.BatchNorm3d for ref, _ in registered())  # BatchNorm stays stock
+    reference = LGMSNet(1, 2, nn.Conv3d, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True})
+    assert type(reference.encoder.stem[1]) is nn.InstanceNorm3d  # nnU-Net's plan gives nn.InstanceNorm3d
+    net = accelerated(reference)
+    assert isinstance(net.encoder.stem[1], cpu_training.InstanceNorm3d)
+    assert type(reference_copy(net).encoder.stem[1]) is nn.InstanceNorm3d
+    assert net.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(2, 6, 5, 7, 4).contiguous(memory_format=torch.channels_last_3d)
-    ours, stock = LayoutKeepingInstanceNorm3d(6, affine=True), nn.InstanceNorm3d(6, affine=True)
+    ours, stock = cpu_training.InstanceNorm3d(6, affine=True), nn.InstanceNorm3d(6, affine=True)
     assert ours.state_dict().keys() == stock.state_dict().keys()
     y = ours(x)
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
@@ -616,7 +665,7 @@ def test_pointwise_conv_equals_the_conv_forward_and_backward(dtype, shape, bias)
     torch.manual_seed(0)
     conv = (nn.Conv2d if len(shape) == 4 else nn.Conv3d)(shape[1], 7, 1, bias=bias).to(dtype)
     x = torch.randn(shape, dtype=dtype)
-    results = conv_results_fast_and_plain(conv, x, cpu_training.pointwise_conv)
+    results = conv_results_fast_and_plain(conv, x, cpu_kernels.pointwise_conv)
     assert results[0][0].shape == (shape[0], 7, *shape[2:])
     assert len(results[0]) == (4 if bias else 3)
     for a, b in zip(*results):
@@ -626,17 +675,17 @@ def test_pointwise_conv_equals_the_conv_forward_and_backward(dtype, shape, bias)
 def test_pointwise_conv_declines_where_it_does_not_apply():
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
     conv = nn.Conv2d(4, 3, 1)
-    assert cpu_training.pointwise_conv(conv, x) is not None
-    assert cpu_training.pointwise_conv(conv, x.contiguous(memory_format=torch.channels_last)) is None
-    assert cpu_training.pointwise_conv(conv, x[:, :, ::2]) is None  # not contiguous
+    assert cpu_kernels.pointwise_conv(conv, x) is not None
+    assert cpu_kernels.pointwise_conv(conv, x.contiguous(memory_format=torch.channels_last)) is None
+    assert cpu_kernels.pointwise_conv(conv, x[:, :, ::2]) is None  # not contiguous
     for other in (nn.Conv2d(4, 3, 3), nn.Conv2d(4, 3, 1, stride=2), nn.Conv2d(4, 4, 1, groups=2),
                   nn.Conv2d(4, 3, 1, padding=1), nn.ConvTranspose2d(4, 3, 1), nn.Conv2d(5, 3, 1)):
-        assert cpu_training.pointwise_conv(other, x) is None, other
-    assert cpu_training.pointwise_conv(conv.double(), x) is None  # dtypes differ
+        assert cpu_kernels.pointwise_conv(other, x) is None, other
+    assert cpu_kernels.pointwise_conv(conv.double(), x) is None  # dtypes differ
     with torch.no_grad():
-        assert cpu_training.pointwise_conv(nn.Conv2d(4, 3, 1), x) is None  # inference has its own paths
+        assert cpu_kernels.pointwise_conv(nn.Conv2d(4, 3, 1), x) is None  # inference: a training kernel only
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cpu_training.pointwise_conv(nn.Conv2d(4, 3, 1), x) is None
+        assert cpu_kernels.pointwise_conv(nn.Conv2d(4, 3, 1), x) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -651,7 +700,7 @@ def test_pointwise_conv_on_parts_equals_the_conv_on_their_concatenation(dtype, b
     for fast in (True, False):
         inputs = [p.clone().requires_grad_(True) for p in parts]
         conv.zero_grad()
-        y = cpu_training.pointwise_conv(conv, inputs) if fast else conv(torch.cat(inputs, dim=1))
+        y = cpu_kernels.pointwise_conv(conv, inputs) if fast else conv(torch.cat(inputs, dim=1))
         y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
         results.append([y.detach()] + [p.grad for p in inputs] + [p.grad.clone() for p in conv.parameters()])
     for a, b in zip(*results):
@@ -662,38 +711,40 @@ def test_pointwise_conv_on_parts_equals_the_conv_on_their_concatenation(dtype, b
 def test_pointwise_conv_on_parts_declines_where_it_does_not_apply():
     conv = nn.Conv3d(5, 3, 1)
     a, b = torch.randn(2, 2, 3, 4, 5), torch.randn(2, 3, 3, 4, 5)
-    assert cpu_training.pointwise_conv(conv, [a, b]) is not None
-    assert cpu_training.pointwise_conv(conv, [a, b[:, :2]]) is None  # 4 channels for a 5-channel conv
-    assert cpu_training.pointwise_conv(conv, [a, b[:, :, :2].contiguous()]) is None  # other spatial size
-    assert cpu_training.pointwise_conv(conv, [a, b[:1]]) is None  # other batch
-    assert cpu_training.pointwise_conv(conv, [a, b.contiguous(memory_format=torch.channels_last_3d)]) is None
+    assert cpu_kernels.pointwise_conv(conv, [a, b]) is not None
+    assert cpu_kernels.pointwise_conv(conv, [a, b[:, :2]]) is None  # 4 channels for a 5-channel conv
+    assert cpu_kernels.pointwise_conv(conv, [a, b[:, :, :2].contiguous()]) is None  # other spatial size
+    assert cpu_kernels.pointwise_conv(conv, [a, b[:1]]) is None  # other batch
+    assert cpu_kernels.pointwise_conv(conv, [a, b.contiguous(memory_format=torch.channels_last_3d)]) is None
 
 
-@pytest.mark.parametrize("parts_training", [True, False])
-def test_dacb_training_forms_no_branch_concatenation(parts_training):
-    """GLIMS's DACB in CPU training: its first 1x1 conv sums one GEMM per branch instead of convolving their
-    concatenation (equality with the plain network: test_speed_paths.py)."""
+@pytest.mark.parametrize("fast", [True, False], ids=["accelerated", "reference"])
+def test_dacb_training_forms_no_branch_concatenation(fast):
+    """The accelerated DACB in CPU training: its first 1x1 conv sums one GEMM per branch instead of convolving their
+    concatenation, which the reference block forms (equality: the next test)."""
     from torch.profiler import profile
     from nnunetv2_lgms.networks.glims_blocks import DACB
     torch.manual_seed(0)
     block = DACB(nn.Conv3d, 4, 8).train()
-    block.parts_training = parts_training
+    if fast:
+        block = accelerated(block)
     x = torch.randn(2, 4, 6, 7, 6, requires_grad=True)
     with profile() as prof:
         y = block(x)
     y.sum().backward()  # (its only concatenation joins the 1x1 weight's gradient parts)
     cats = sum(e.count for e in prof.key_averages() if e.key == "aten::cat")
-    assert cats == (0 if parts_training else 1)
+    assert cats == (0 if fast else 1)
 
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_dacb_training_on_branch_parts_equals_the_plain_block(dim):
-    """GLIMS's DACB in CPU training with every speed path (branch parts, sub-grids, the depthwise convs' backward,
-    PReLUs) against the plain block, float64: output, input gradient and every parameter gradient, in 2D and 3D."""
+    """The accelerated DACB in CPU training (branch parts, sub-grids, the depthwise convs' backward, PReLUs in place)
+    against the reference block, float64: output, input gradient and every parameter gradient, in 2D and 3D."""
     from nnunetv2_lgms.networks.glims_blocks import DACB
     torch.manual_seed(0)
-    block = DACB(nn.Conv2d if dim == 2 else nn.Conv3d, 4, 8).double().train()
-    plain = disable_speed_paths(copy.deepcopy(block))
+    plain = DACB(nn.Conv2d if dim == 2 else nn.Conv3d, 4, 8).double().train()
+    block = accelerated(plain)
+    assert isinstance(block, cpu_training.DACB) and type(plain) is DACB
     x = torch.randn((2, 4, 9, 7, 6)[:dim + 2], dtype=torch.float64)
     results = []
     for net in (block, plain):
@@ -707,27 +758,26 @@ def test_dacb_training_on_branch_parts_equals_the_plain_block(dim):
 
 
 def test_glims_training_runs_its_1x1_convs_and_heads_as_gemms(monkeypatch):
-    """Every 1x1 conv of GLIMS's conv-IN-PReLU units and all five heads take the GEMM path in CPU training (the
-    network-level equality with the plain path is in test_speed_paths.py)."""
+    """Every 1x1 conv of the accelerated GLIMS's conv-IN-PReLU units and all five heads take the GEMM path in CPU
+    training (the network-level equality with the reference is in test_golden.py)."""
     from nnunetv2_lgms.networks.glims import GLIMS
     torch.manual_seed(0)
-    net = GLIMS.from_plan((16, 32, 32), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], [[3, 3, 3]] * 5,
-                          1, 3, deep_supervision=True, feature_size=12).train()
+    reference = GLIMS.from_plan((16, 32, 32), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+                                [[3, 3, 3]] * 5, 1, 3, deep_supervision=True, feature_size=12).train()
     calls = []
 
-    def recording(kind):
-        def pointwise_conv(conv, x):
-            y = cpu_training.pointwise_conv(conv, x)
-            if y is not None:
-                calls.append((kind, conv))
-            return y
-        return pointwise_conv
+    def pointwise_conv(conv, x):
+        y = cpu_kernels.pointwise_conv(conv, x)
+        if y is not None:
+            calls.append(conv)
+        return y
 
-    monkeypatch.setattr("nnunetv2_lgms.networks.blocks.pointwise_conv", recording("unit"))
-    monkeypatch.setattr("nnunetv2_lgms.networks.glims.pointwise_conv", recording("head"))
+    monkeypatch.setattr(cpu_training, "pointwise_conv", pointwise_conv)
+    net = accelerated(reference)
     out = net(torch.randn(2, 1, 16, 32, 32))
     sum(o.sum() for o in out).backward()
+    heads = set(net.decoder.seg_layers)
     pointwise_units = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1)
-                       and m not in set(net.decoder.seg_layers)]
-    assert sorted(id(c) for kind, c in calls if kind == "unit") == sorted(id(c) for c in pointwise_units)
-    assert [c for kind, c in calls if kind == "head"] == [net.decoder.seg_layers[i] for i in range(5)]
+                       and m not in heads]
+    assert sorted(id(c) for c in calls if c not in heads) == sorted(id(c) for c in pointwise_units)
+    assert [c for c in calls if c in heads] == [net.decoder.seg_layers[i] for i in range(5)]

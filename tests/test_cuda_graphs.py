@@ -1,25 +1,55 @@
-"""CUDA-graph inference (nnunetv2_lgms.networks.cuda_graphs).
+"""CUDA-graph inference (nnunetv2_lgms.acceleration.cuda_graphs, setting ``cuda_inference``).
 
-The cache's logic (when to warm up, capture, replay, invalidate, fall back) runs here on CPU with a stand-in for
-the capture that behaves like a graph: it keeps a static input and output and, on replay, recomputes the output
-from the *current* weights into the same static tensors. The real CUDA graphs are tested in the second half,
-which needs a GPU (skipped without one). An earlier version of this file passed on a lent H100
-(results/speed_gpu_h100/README.md); what came after that run (inference mode in the signature, the registration
-counter, the per-device capture stream, the eval-only statistic change below) has not run on a GPU yet."""
+The networks under test are accelerated copies, ``accelerate(LGMSNet(...))`` / ``accelerate(GLIMS(...))``, whose
+class includes :class:`GraphedInference`; the CPU inference runtime is set to ``torch`` for the CPU forwards here
+(an OpenVINO conversion is not what these tests are about, and costs seconds).
+
+The cache's logic (when to warm up, capture, replay, invalidate, fall back) runs here on CPU with a stand-in for the
+capture that behaves like a graph: it keeps a static input and output and, on replay, recomputes the output from the
+*current* weights into the same static tensors. The real CUDA graphs are tested in the second half, which needs a GPU
+(skipped without one). An earlier version of this file passed on a lent H100 (results/speed_gpu_h100/README.md); what
+came after that run (inference mode in the signature, the registration counter, the per-device capture stream, the
+eval-only statistic change below, the move to nnunetv2_lgms.acceleration with the registration hooks installed at
+the first graph) has not run on a GPU yet."""
 import copy
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from nnunetv2_lgms.networks.cuda_graphs import ENV_SWITCH, GraphedInference, InferenceGraphs, _CapturedForward
-from nnunetv2_lgms.networks.glims import GLIMS
-from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+from nnunetv2_lgms.acceleration import SETTINGS, accelerate, cuda_graphs
+from nnunetv2_lgms.acceleration.cuda_graphs import ENV_SWITCH, GraphedInference, InferenceGraphs, _CapturedForward
+from nnunetv2_lgms.acceleration.runtime import ENV_BACKEND
+from nnunetv2_lgms.networks import glims, lgmsnet
 
 CUDA = torch.cuda.is_available()
+
+
+def LGMSNet(*args, **kwargs):  # noqa: N802 - stands for the accelerated network class
+    """An accelerated LGMSNet, every setting (as the trainers build it; explicit, so that nnUNet_lgms_acceleration in
+    the environment cannot switch it off)."""
+    net = accelerate(lgmsnet.LGMSNet(*args, **kwargs), tuple(SETTINGS))[0]
+    assert isinstance(net, GraphedInference)
+    return net
+
+
+def GLIMS(*args, **kwargs):  # noqa: N802
+    net = accelerate(glims.GLIMS(*args, **kwargs), tuple(SETTINGS))[0]
+    assert isinstance(net, GraphedInference)
+    return net
+
+
+@pytest.fixture(autouse=True)
+def torch_cpu_runtime(monkeypatch):
+    monkeypatch.setenv(ENV_BACKEND, "torch")
 
 
 class FakeGraph:
@@ -196,6 +226,7 @@ def test_a_failed_capture_warns_once_and_stays_eager(net):
 
 def test_graphs_apply_only_to_cuda_eval_without_autograd_nothing_tracing(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
 
     net = LGMSNet(1, 2).eval()
     with torch.no_grad():
@@ -207,6 +238,8 @@ def test_graphs_apply_only_to_cuda_eval_without_autograd_nothing_tracing(monkeyp
     with torch.no_grad():
         assert net.graphs_apply(cuda_input)
         with TorchDispatchMode():
+            assert not net.graphs_apply(cuda_input)
+        with FlopCounterMode(display=False):  # FLOP counting is a dispatch mode
             assert not net.graphs_apply(cuda_input)
         monkeypatch.setenv(ENV_SWITCH, "0")
         assert not net.graphs_apply(cuda_input)
@@ -275,8 +308,12 @@ def test_replaced_layers_drop_the_graphs(net):
     (lambda: GLIMS(1, 3, nn.Conv2d, patch_size=(64, 64)), (1, 1, 64, 64)),
 ], ids=["lgmsnet-2d", "lgmsnet-3d", "glims-2d"])
 def test_the_networks_register_nothing_while_running(make, shape):
-    """A forward that registered a parameter, buffer or module would drop its own graphs on every call."""
-    from nnunetv2_lgms.networks import cuda_graphs
+    """A forward that registered a parameter, buffer or module would drop its own graphs on every call. (The counting
+    hooks go in at the first graph; installed here, and checked to count.)"""
+    cuda_graphs._install_registration_hooks()
+    before = cuda_graphs._registrations
+    nn.Module().register_buffer("b", torch.zeros(1))
+    assert cuda_graphs._registrations == before + 1
 
     torch.manual_seed(0)
     net = make().eval()
@@ -298,6 +335,33 @@ def test_copies_and_pickles_leave_the_graphs_behind(net):
         assert "_cuda_graphs" not in clone.__dict__
         with torch.no_grad():
             torch.testing.assert_close(clone._forward(x), net._forward(x), rtol=0, atol=0)
+
+
+def test_registration_hooks_install_at_the_first_graph_not_at_import():
+    """Importing the package, accelerating a network and running it on CPU (eval and training) leaves PyTorch's
+    process-wide module registration hooks alone; the first graph cache installs them (a fresh interpreter)."""
+    code = textwrap.dedent("""
+        import torch
+        import nnunetv2_lgms.acceleration
+        from nnunetv2_lgms.acceleration import SETTINGS, accelerate, cuda_graphs
+        from nnunetv2_lgms.networks.lgmsnet import LGMSNet
+
+        assert not cuda_graphs._hooks_installed
+        net = accelerate(LGMSNet(1, 2), tuple(SETTINGS))[0].eval()
+        with torch.no_grad():
+            net(torch.randn(1, 1, 32, 32))
+        net.train()
+        net(torch.randn(2, 1, 32, 32)).sum().backward()
+        assert not cuda_graphs._hooks_installed, "installed before any graph"
+        assert "_cuda_graphs" not in net.__dict__
+        net._inference_graphs()
+        assert cuda_graphs._hooks_installed
+        print("ok")
+    """)
+    env = {**os.environ, ENV_BACKEND: "torch"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------- real CUDA graphs
@@ -358,7 +422,7 @@ def test_graphs_follow_weight_updates_on_cuda():
             eager = net(x)
             net.cuda_graph_inference = True
         torch.testing.assert_close(graphed_out, eager, rtol=1e-5, atol=1e-5)
-    # in eval mode only (no train() in between): a BatchNorm statistic that is folded into its conv changes in place
+    # in eval mode only (no train() in between): a BatchNorm statistic changes in place
     with torch.no_grad():
         for _ in range(3):
             net(x)
