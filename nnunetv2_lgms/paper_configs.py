@@ -22,7 +22,7 @@ class PaperConfig:
 
     def count_params(self, net: nn.Module) -> int:
         # Networks with training-only deep-supervision heads report the inference path, as the papers do.
-        from nnunetv2_lgms.networks.blocks import inference_parameters
+        from nnunetv2_lgms.networks.common import inference_parameters
         return inference_parameters(net)
 
 

@@ -73,24 +73,6 @@ def test_time_ratios_come_with_their_per_repetition_range():
     assert speed_report._fmt_ratio(None) == "–"
 
 
-def test_speed_paths_table(tmp_path, clean_nnunet_env, monkeypatch, capsys):
-    from nnunetv2_lgms.benchmark import speed_paths
-
-    tiny = PlanPreset("tiny 2D", 978, "2d", {"0": "x"}, {"background": 0, "a": 1}, (999.0, 1.0, 1.0), (1, 32, 32),
-                      40, ".png")
-    monkeypatch.setitem(synthetic_plans.PRESETS, "tiny", tiny)
-    assert speed_paths.main(["--presets", "tiny", "-tr", "nnUNetTrainerLGMSNet", "nnUNetTrainerGLIMS",
-                             "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| tiny |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["nnUNetTrainerLGMSNet", "nnUNetTrainerGLIMS"]
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[2].startswith("patch 32x32, batch")
-        for seconds, gain in ((cells[3], cells[5]), (cells[6], cells[8])):
-            assert float(seconds.rstrip(" s")) > 0 and float(gain.rstrip("x")) > 0
-
-
 def test_speed_report_keeps_the_plans_finished_before_a_failure(tmp_path, clean_nnunet_env, monkeypatch):
     # a run stopped part-way (an error, or a time limit on a lent GPU) leaves a complete report of the finished plans
     tiny = PlanPreset("tiny 2D", 977, "2d", {"0": "x"}, {"background": 0, "a": 1}, (999.0, 1.0, 1.0), (1, 32, 32),
@@ -119,7 +101,7 @@ def test_cuda_graph_modes_of_the_profiled_networks(tmp_path, clean_nnunet_env, m
     import torch
     from nnunetv2_lgms.benchmark.models import ensure_ext_trainer
     from nnunetv2_lgms.benchmark.profiling import ProfileSettings, _Subject
-    from nnunetv2_lgms.networks.cuda_graphs import GraphedModule
+    from nnunetv2_lgms.acceleration.cuda_graphs import GraphedModule
 
     tiny = PlanPreset("tiny 2D", 979, "2d", {"0": "x"}, {"background": 0, "a": 1}, (999.0, 1.0, 1.0), (1, 32, 32),
                       40, ".png")

@@ -21,8 +21,8 @@ from typing import Dict, Iterable, List, Tuple, Union
 
 from torch import nn
 
-from nnunetv2_lgms.acceleration.registry import (SETTINGS, accelerated_class, is_accelerated, reference_class,
-                                                 registered, swap_class)
+from nnunetv2_lgms.acceleration.registry import (SETTINGS, accelerated_class, component_names, is_accelerated,
+                                                 reference_class, registered, swap_class)
 
 ENV_VAR = "nnUNet_lgms_acceleration"
 _OFF = ("none", "off", "0", "false", "no", "reference")
@@ -30,16 +30,16 @@ _OFF = ("none", "off", "0", "false", "no", "reference")
 
 @dataclass
 class AccelerationReport:
-    """What :func:`accelerate` swapped: per installed class, its reference class and how many modules."""
+    """What :func:`accelerate` swapped: per reference class and the accelerated classes standing in for it, how
+    many modules."""
     settings: Tuple[str, ...]
-    swapped: Dict[Tuple[str, str], int] = field(default_factory=collections.Counter)
+    swapped: Dict[Tuple[str, Tuple[str, ...]], int] = field(default_factory=collections.Counter)
 
     def __str__(self) -> str:
         if not self.swapped:
             return f"acceleration ({', '.join(self.settings) or 'none'}): nothing swapped"
         lines = [f"acceleration ({', '.join(self.settings)}):"]
-        lines += [f"  {ref} -> {cls}: {n} module{'s' if n > 1 else ''}"
-                  for (ref, cls), n in sorted(self.swapped.items())]
+        lines += [f"  {ref} x{n}: {', '.join(classes)}" for (ref, classes), n in sorted(self.swapped.items())]
         return "\n".join(lines)
 
 
@@ -80,7 +80,7 @@ def accelerate(net: nn.Module, settings: Union[str, Iterable[str], None] = "all"
         if cls is not type(module):
             swap_class(module, cls)
         if cls is not reference:
-            report.swapped[reference.__name__, cls.__name__] += 1
+            report.swapped[reference.__name__, component_names(cls)] += 1
     for module in net.modules():  # after all swaps: a parent may look at its children
         init = getattr(module, "_on_accelerated", None)
         if callable(init):

@@ -59,7 +59,7 @@ def accelerated_class(reference: type, settings: Iterable[str]):
         return classes[0]
     combined = _COMBINED.get(classes)
     if combined is None:
-        combined = type("".join(c.__name__ for c in classes), classes, {"__module__": __name__})
+        combined = type(reference.__name__, classes, {"__module__": __name__, "__qualname__": reference.__name__})
         _COMBINED[classes] = combined
         _REFERENCE_OF[combined] = reference
     return combined
@@ -68,6 +68,12 @@ def accelerated_class(reference: type, settings: Iterable[str]):
 def reference_class(cls: type) -> type:
     """``cls``'s reference class (``cls`` itself for a class accelerate() does not install)."""
     return _REFERENCE_OF.get(cls, cls)
+
+
+def component_names(cls: type) -> Tuple[str, ...]:
+    """``module.Class`` of each registered class in ``cls`` (several for a combined class)."""
+    parts = cls.__bases__ if cls in _COMBINED.values() else (cls,)
+    return tuple(f"{c.__module__.rsplit('.', 1)[-1]}.{c.__qualname__}" for c in parts)
 
 
 def is_accelerated(cls: type) -> bool:

@@ -1,5 +1,5 @@
 """Equal-time training: several wall-clock-budget trainers (``*_cpu45min``, or any
-:class:`~nnunetv2_lgms.trainers.budget.WallClockBudget` trainer) take turns on one machine, epoch by epoch, until
+:class:`~nnunetv2_lgms.trainers.budget.WallClockBudget` trainer) take turns on one machine, step by step, until
 each has spent its budget; then nnU-Net's final validation of each, and the validation Dice of every snapshot
 against the training time it had used::
 
@@ -7,7 +7,7 @@ against the training time it had used::
         -tr nnUNetTrainerBaseline_cpu45min nnUNetTrainerLGMSNet_cpu45min --out results/kvasir_equal_time
 
 Taking turns makes the comparison fair on a machine that also does other work: a load that comes and goes falls on
-every trainer alike, and each trainer's clock runs only during its own epochs (``clock.json`` also records the CPU
+every trainer alike, and each trainer's clock runs only during its own steps and epoch ends (``clock.json`` also records the CPU
 seconds each got). Snapshots are scored on the fold's validation cases (sliding window without mirroring, nnU-Net's
 metrics); the final checkpoint gets nnU-Net's own final validation (with mirroring), as ``nnUNetv2_train`` does.
 """
@@ -53,16 +53,23 @@ def build_trainers(dataset: str, configuration: str, fold: str, trainers: Sequen
 
 
 def train_in_turns(trainers: List, log=print) -> None:
-    """``on_train_start`` for all, then one epoch of each unfinished trainer in turn, then ``on_train_end``."""
+    """``on_train_start`` for all, then one training step of each unfinished trainer in turn (each opening and
+    closing its own epochs), then ``on_train_end``."""
     for trainer in trainers:
         trainer.on_train_start()
+    in_epoch = {id(t): False for t in trainers}
     while True:
-        active = [t for t in trainers if not t.budget_spent()]
+        active = [t for t in trainers if in_epoch[id(t)] or not t.budget_spent()]
         if not active:
             break
         for trainer in active:
-            trainer.run_epoch()
-            log(f"{type(trainer).__name__}: {trainer.seconds_used:.0f} / {trainer.budget_seconds:.0f} s")
+            if not in_epoch[id(trainer)]:
+                trainer.begin_epoch()
+                in_epoch[id(trainer)] = True
+            if not trainer.train_iteration():
+                trainer.end_epoch()
+                in_epoch[id(trainer)] = False
+                log(f"{type(trainer).__name__}: {trainer.seconds_used:.0f} / {trainer.budget_seconds:.0f} s")
     for trainer in trainers:
         trainer.on_train_end()
 
@@ -110,7 +117,7 @@ def final_validation_dice(trainer) -> Optional[float]:
 def render(rows: List[dict], finals: dict, meta: dict) -> str:
     trainers = list(finals)
     lines = [f"Equal-time training on {meta['dataset']} ({meta['configuration']}, fold {meta['fold']}), "
-             f"{meta['budget_minutes']:g} minutes of wall-clock time each, taking turns epoch by epoch on "
+             f"{meta['budget_minutes']:g} minutes of wall-clock time each, taking turns step by step on "
              f"{meta['device']} ({meta['threads']} threads). Dice: foreground mean over the fold's "
              f"{meta['n_val']} validation cases (nnU-Net's metrics).", "",
              "Snapshots (sliding window, no mirroring):", "",

@@ -34,8 +34,8 @@ import torch
 
 from nnunetv2_lgms.benchmark.models import (CUDA_GRAPH_MODES, BenchmarkError, PlanContext, build_network,
                                             find_trainer_class)
-from nnunetv2_lgms.networks.blocks import count_parameters, inference_parameters
-from nnunetv2_lgms.networks.cuda_graphs import GraphedInference, GraphedModule
+from nnunetv2_lgms.networks.common import count_parameters, inference_parameters
+from nnunetv2_lgms.acceleration.cuda_graphs import GraphedInference, GraphedModule
 from nnunetv2_lgms.benchmark.tables import markdown_table, ratio
 
 MB = 1e6
@@ -406,7 +406,7 @@ def environment(device: torch.device) -> dict:
     import platform
     import os
 
-    # glibc malloc settings change CPU timings (results/speed_cpu_malloc), so a report records them
+    # glibc malloc settings change CPU timings, so a report records them
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
     env = {"device": str(device), "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
            "python": platform.python_version(), "amp": device.type == "cuda", "malloc_env": malloc_env}

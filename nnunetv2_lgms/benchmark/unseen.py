@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 from nnunetv2_lgms.benchmark.models import (BenchmarkError, dataset_name, ensure_ext_trainer, require_env,
                                             results_folder)
 from nnunetv2_lgms.benchmark.tables import markdown_table, write_csv
-from nnunetv2_lgms.networks.blocks import inference_parameters
+from nnunetv2_lgms.networks.common import inference_parameters
 
 
 @dataclass

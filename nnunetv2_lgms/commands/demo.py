@@ -53,7 +53,7 @@ def _prepare_work_dir(work: Path, overwrite: bool) -> None:
 def _num_parameters(trainer_name: str, dataset_id: int, configuration: str) -> int:
     """All parameters of the network as the trainer trains it (deep-supervision heads included)."""
     from nnunetv2_lgms.benchmark.models import build_network, find_trainer_class, load_plan_context
-    from nnunetv2_lgms.networks.blocks import count_parameters
+    from nnunetv2_lgms.networks.common import count_parameters
     network = build_network(find_trainer_class(trainer_name), load_plan_context(dataset_id, configuration))
     return count_parameters(network)
 

@@ -45,9 +45,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, convert_dim_to_conv_op
 
-from nnunetv2_lgms.networks.blocks import count_parameters
-from nnunetv2_lgms.networks.cpu_training import pointwise_conv
-from nnunetv2_lgms.networks.cuda_graphs import GraphedInference
+from nnunetv2_lgms.networks.common import count_parameters
 from nnunetv2_lgms.networks.glims_blocks import CSAB, DMSF, DMSU, conv_in_prelu
 from nnunetv2_lgms.networks.swin import PatchExpand, PatchMerging, SwinLayer
 
@@ -73,11 +71,11 @@ def glims_deep_supervision_scales(plan_strides: Sequence[Sequence[int]], dim: in
     return [list(s) for s in (1 / np.cumprod(strides, axis=0))[:-1]]
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
+def _channel_axis_last(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(1, -1)
 
 
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
+def _channel_axis_first(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(-1, 1).contiguous()
 
 
@@ -120,11 +118,11 @@ class SwinStage(nn.Module):
         self.downsample = PatchMerging(dim, merge_factors, legacy_merging) if merge_factors is not None else None
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        x = self.layer(_channels_last(self.pos_embed(x)))
+        x = self.layer(_channel_axis_last(self.pos_embed(x)))
         if self.downsample is not None:
             merged = self.downsample(x)
-            return _channels_first(_plain_layer_norm(x)), _channels_first(_plain_layer_norm(merged))
-        return _channels_first(_plain_layer_norm(x) if self.output_norm else x)
+            return _channel_axis_first(_plain_layer_norm(x)), _channel_axis_first(_plain_layer_norm(merged))
+        return _channel_axis_first(_plain_layer_norm(x) if self.output_norm else x)
 
 
 class SwinUpStage(nn.Module):
@@ -140,9 +138,9 @@ class SwinUpStage(nn.Module):
         self.layer = SwinLayer(dim, depth, num_heads, window, exact_relative_bias=exact_relative_bias)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.pos_embed(_channels_first(self.expand(_channels_last(x))))
+        x = self.pos_embed(_channel_axis_first(self.expand(_channel_axis_last(x))))
         x = self.fuse(torch.cat([x, skip], dim=1))
-        return _channels_first(self.layer(_channels_last(x)))
+        return _channel_axis_first(self.layer(_channel_axis_last(x)))
 
 
 class GLIMSEncoder(nn.Module):
@@ -182,12 +180,7 @@ class GLIMSEncoder(nn.Module):
 class GLIMSDecoder(nn.Module):
     """t4_post, DMSU_4-1, Swin t3_up and the heads. ``([skip_0 .. skip_4], bottleneck) -> logits`` (tensor, head 1),
     or with ``deep_supervision`` a list of five logits at levels 0-4, full resolution first (heads 1-4 of the
-    official code and an auxiliary head on t4_post).
-
-    Speed (``gemm_heads``): in CPU training the 1x1 heads run as batched GEMMs on the NC(D)HW maps
-    (:func:`~nnunetv2_lgms.networks.cpu_training.pointwise_conv`)."""
-
-    gemm_heads: bool = True
+    official code and an auxiliary head on t4_post)."""
 
     def __init__(self, conv_op, f, num_classes, strides, kernel_sizes, sizes, depths, num_heads, window,
                  deep_supervision, exact_relative_bias):
@@ -210,15 +203,15 @@ class GLIMSDecoder(nn.Module):
             if level == 3:
                 x = self.t3_up(x)
         if not self.deep_supervision:
-            return self._head(0, features[-1])
-        return [self._head(level, features[4 - level]) for level in range(5)]
+            return self.head(0, features[-1])
+        return [self.head(level, features[4 - level]) for level in range(5)]
 
-    def _head(self, level: int, x: torch.Tensor) -> torch.Tensor:
-        y = pointwise_conv(self.seg_layers[level], x) if self.gemm_heads else None
-        return self.seg_layers[level](x) if y is None else y
+    def head(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """The 1x1 segmentation head of ``level``."""
+        return self.seg_layers[level](x)
 
 
-class GLIMS(GraphedInference, nn.Module):
+class GLIMS(nn.Module):
     """GLIMS for 2D (``conv_op=nn.Conv2d``) or 3D (``nn.Conv3d``).
 
     Args:
@@ -240,9 +233,6 @@ class GLIMS(GraphedInference, nn.Module):
             (official). False: every sub-grid once (``PatchMergingV2``-style).
         exact_relative_bias: correct relative-position index for shrunk windows instead of the official ``[:n, :n]``
             slicing (see :mod:`nnunetv2_lgms.networks.swin`).
-
-    On CUDA the eval forward without autograd is replayed from CUDA graphs
-    (:mod:`~nnunetv2_lgms.networks.cuda_graphs`).
 
     Shapes: ``(B, input_channels, *patch_size) -> (B, num_classes, *patch_size)``; at level l the map is
     ``patch_size / prod(strides[:l+1])``.
@@ -277,12 +267,7 @@ class GLIMS(GraphedInference, nn.Module):
                                     num_heads, window, deep_supervision, exact_relative_bias)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        return self.maybe_graphed(self._forward, x, extra_key=self.decoder.deep_supervision)
-
-    def _forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        out = self.decoder(*self.encoder(x))
-        # contiguous outputs whatever the internal memory format (the CPU inference paths run channels-last)
-        return [o.contiguous() for o in out] if isinstance(out, list) else out.contiguous()
+        return self.decoder(*self.encoder(x))
 
     def num_parameters(self, include_auxiliary_heads: bool = False) -> int:
         """Parameters of the published architecture (incl. its four heads); the nnU-Net-only auxiliary head on

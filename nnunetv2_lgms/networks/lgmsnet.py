@@ -28,9 +28,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, convert_dim_to_conv_op
 
-from nnunetv2_lgms.networks.blocks import (ConvNormAct, batch_norm_for, count_parameters, instance_norm_for,
-                                           layout_keeping, to_channels_last)
-from nnunetv2_lgms.networks.cuda_graphs import GraphedInference
+from nnunetv2_lgms.networks.common import ConvNormAct, batch_norm_for, count_parameters, instance_norm_for
 from nnunetv2_lgms.networks.lgms_blocks import FusionConv, GlobalMultiscaleBlock, LocalMultiscaleBlock, UpConv
 
 NUM_LEVELS = 5  # the paper's topology: 4 downsamplings
@@ -78,10 +76,11 @@ class LGMSNetEncoder(nn.Module):
                 conv_op, features[level - 1], width, transformer_width(width, transformer_fraction),
                 int(mlp_ratio * width), plan_kernel=kernel_sizes[level], **norm))
 
-    def forward(self, x: torch.Tensor, channels_last: bool = False) -> List[torch.Tensor]:
-        x = self.stem(x)
-        if channels_last:  # (a one-channel input is channels-last and contiguous at once: the stem's output is not)
-            x = to_channels_last(x)
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.levels(self.stem(x))
+
+    def levels(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The five levels on the stem's output."""
         skips = []
         for pool, stage in zip(self.pools, self.stages):
             x = stage(pool(x))
@@ -120,22 +119,14 @@ class LGMSNetDecoder(nn.Module):
         outputs = []
         for level in (3, 2, 1, 0):
             skip = skips[level]
-            x = self._fuse(level, skip, self.ups[level](x, skip.shape[2:]))
+            x = self.fuse(level, skip, self.ups[level](x, skip.shape[2:]))
             if self.deep_supervision or level == 0:
                 outputs.append(self.seg_layers[level](x))
         return outputs[::-1] if self.deep_supervision else outputs[0]
 
-    def _fuse(self, level: int, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``stages[level](cat([skip, up]))``; a leading FusionConv gets the two parts (it may skip the concat)."""
-        stage = self.stages[level]
-        if isinstance(stage, FusionConv):
-            return stage.forward_parts([skip, up])
-        if isinstance(stage, nn.Sequential) and isinstance(stage[0], FusionConv):
-            x = stage[0].forward_parts([skip, up])
-            for module in list(stage)[1:]:
-                x = module(x)
-            return x
-        return stage(torch.cat([skip, up], dim=1))
+    def fuse(self, level: int, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Decoder stage ``level`` on ``concat(skip, up)``."""
+        return self.stages[level](torch.cat([skip, up], dim=1))
 
 
 def transformer_width(width: int, fraction: float) -> int:
@@ -147,7 +138,7 @@ def transformer_width(width: int, fraction: float) -> int:
     return int(c_t)
 
 
-class LGMSNet(GraphedInference, nn.Module):
+class LGMSNet(nn.Module):
     """LGMSNet for 2D (``conv_op=nn.Conv2d``) or 3D (``nn.Conv3d``).
 
     Args:
@@ -163,28 +154,6 @@ class LGMSNet(GraphedInference, nn.Module):
             GroupNorm(4) of the LMS block and the BatchNorm of the GMS depthwise branch are fixed, also as there.
 
     Shapes: ``(B, input_channels, *S) -> (B, num_classes, *S)``; at level i the map is ``S / prod(strides[:i+1])``.
-    Outputs are contiguous (NC(D)HW) tensors whatever the internal memory format.
-
-    Speed (``cpu_channels_last``): on CPU the 2D network runs in channels-last memory format from end to end (the
-    sparse Transformer hands its output back channels-last). In inference without autograd, the 2D path also folds
-    BatchNorms, fuses activations into oneDNN convs, runs the decoder's 1x1 stacks block by block and never forms
-    the decoder's ``[skip, up]`` concatenation (:mod:`nnunetv2_lgms.networks.cpu_inference`, :class:`FusionConv`).
-    In training, FusionConv's BatchNorm -> 1x1 -> GELU -> BatchNorm -> 1x1 runs as one blockwise autograd function
-    that stores one 4x-wide map instead of six (:mod:`nnunetv2_lgms.networks.cpu_training`), on ``[skip, up]``
-    as parts (no concatenation, one dense conv per part); in both modes the LMS block's four depthwise convs run as
-    one (:class:`LocalMultiscaleBlock`); the wide 2D convs take their weight gradient as
-    one GEMM per kernel tap (:func:`~nnunetv2_lgms.networks.cpu_training.conv2d_gemm_weight_grad`). On CPU the
-    attention's 8-channel heads are zero-padded to 16 for PyTorch's flash kernel
-    (:class:`~nnunetv2_lgms.networks.sparse_attention.MultiHeadSelfAttention`). Gains, paths off against on:
-    results/speed_cpu/speed_paths.md. The 3D network runs channels-last too: its InstanceNorms keep the layout
-    (:class:`~nnunetv2_lgms.networks.blocks.LayoutKeepingInstanceNorm3d`; ``nn.InstanceNorm`` would copy to NCDHW),
-    its LMS depthwise convs compute their input gradient as a forward conv, and in inference its InstanceNorms and
-    the activations after them run in place (:func:`~nnunetv2_lgms.networks.blocks.norm_act_on_fresh`) and
-    FusionConv takes ``[skip, up]`` as parts (:meth:`FusionConv.forward_parts`). The 3D training step on the
-    Hippocampus plan was 1.23x faster channels-last than in NCDHW (medians of three interleaved steps, 2 cores).
-    On CUDA the input's format is kept, and the eval forward without autograd is replayed from CUDA graphs
-    (:mod:`~nnunetv2_lgms.networks.cuda_graphs`). The math is identical either way (tested against the plain
-    path).
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: Type[_ConvNd] = nn.Conv2d,
@@ -204,21 +173,14 @@ class LGMSNet(GraphedInference, nn.Module):
             raise ValueError(f"features_per_stage needs {NUM_LEVELS} multiples of 4, got {features_per_stage}")
         if norm_op is None:
             norm_op = batch_norm_for(conv_op) if dim == 2 else instance_norm_for(conv_op)
-        norm_op = layout_keeping(norm_op)  # (its channels-last path; same parameters)
         self.strides = strides
-        self.cpu_channels_last = True
         self.encoder = LGMSNetEncoder(conv_op, input_channels, features_per_stage, strides, kernel_sizes, norm_op,
                                       norm_op_kwargs, lms_blocks_per_stage, transformer_fraction, mlp_ratio)
         self.decoder = LGMSNetDecoder(conv_op, features_per_stage, kernel_sizes, num_classes, norm_op,
                                       norm_op_kwargs, transformer_fraction, mlp_ratio, deep_supervision)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        return self.maybe_graphed(self._forward, x, extra_key=self.decoder.deep_supervision)
-
-    def _forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        channels_last = self.cpu_channels_last and x.device.type == "cpu"
-        out = self.decoder(self.encoder(to_channels_last(x) if channels_last else x, channels_last))
-        return [o.contiguous() for o in out] if isinstance(out, list) else out.contiguous()
+        return self.decoder(self.encoder(x))
 
     def num_parameters(self, include_auxiliary_heads: bool = False) -> int:
         """Parameters of the inference path; the deep-supervision heads of levels 1-3 only with the flag."""

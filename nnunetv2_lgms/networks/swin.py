@@ -3,7 +3,7 @@ basic layer are edited copies of MONAI's SwinUNETR code), written for 2D and 3D.
 
 All modules here work on **channel-last** tensors ``(B, *S, C)`` with ``len(S)`` = 2 or 3, as the original does.
 
-Fidelity notes (see README, "Deviations"):
+Fidelity notes (see ``docs/deviations.md``):
 
 * Window attention runs through ``F.scaled_dot_product_attention``; the relative position bias (plus, in shifted
   blocks, the -100 shift mask) is passed as the additive float ``attn_mask``. :func:`window_attention_reference`

@@ -5,6 +5,7 @@ nnU-Net's default (1000 epochs x 250 iterations, 50 validation iterations, the p
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
@@ -62,9 +63,9 @@ class CPUBenchmarkBudget3D(TrainingBudget):
 class WallClockBudget(TrainingBudget):
     """Trains for ``budget_minutes`` of wall-clock time instead of a number of epochs, for equal-time comparisons.
 
-    * The clock runs only inside :meth:`run_epoch` (data loading, training steps, the online validation); start-up,
-      snapshots, the final checkpoint and nnU-Net's final validation are not counted. The budget is checked before
-      every iteration, so a run ends at most one training step past it.
+    * The clock runs only inside the epochs (data loading, training steps, the online validation); start-up,
+      snapshots, the final checkpoint and nnU-Net's final validation are not counted. The budget is checked after
+      every training step, so a run ends at most one step (and the epoch's online validation) past it.
     * The trainer's own LR schedule is stretched over the budget: each epoch's LR is the one its schedule gives at
       epoch ``(time used / budget) * num_epochs``, so nnU-Net's poly decay (or GLIMS's warm-up and cosine) reaches
       its end when the budget does.
@@ -72,8 +73,9 @@ class WallClockBudget(TrainingBudget):
       ``nnUNetPredictor`` needs) is written, for accuracy against time.
     * ``clock.json`` in the fold folder records the wall and CPU seconds of every epoch.
 
-    :meth:`run_epoch` is public so that several such trainers can share a machine epoch by epoch
-    (``python -m nnunetv2_lgms.benchmark.equal_time``): the machine's load then falls on all of them alike.
+    An epoch is :meth:`begin_epoch`, :meth:`train_iteration` until it returns False, :meth:`end_epoch`, so that
+    several such trainers can share a machine step by step (``python -m nnunetv2_lgms.benchmark.equal_time``): a
+    load that comes and goes then falls on all of them alike.
     """
 
     budget_minutes: float = 45.0
@@ -101,28 +103,46 @@ class WallClockBudget(TrainingBudget):
         self.print_to_log_file(f"Budget used: {self.seconds_used:.0f} of {self.budget_seconds:.0f} s, learning rate "
                                f"{self.optimizer.param_groups[0]['lr']:.5f} (schedule epoch {stretched})")
 
+    @contextlib.contextmanager
+    def _clock(self):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds_used += time.perf_counter() - wall
+            self.cpu_seconds_used += time.process_time() - cpu
+
     def run_epoch(self) -> None:
         """One epoch of at most ``num_iterations_per_epoch`` steps, ending early when the budget is spent."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        self.on_epoch_start()
-        self.on_train_epoch_start()
-        outputs = []
-        for _ in range(self.num_iterations_per_epoch):
-            outputs.append(self.train_step(next(self.dataloader_train)))
-            if self.seconds_used + time.perf_counter() - wall >= self.budget_seconds:
-                break
-        self.on_train_epoch_end(outputs)
-        with torch.no_grad():
-            self.on_validation_epoch_start()
-            self.on_validation_epoch_end([self.validation_step(next(self.dataloader_val))
-                                          for _ in range(self.num_val_iterations_per_epoch)])
-        self.on_epoch_end()
-        before = self.seconds_used
-        self.seconds_used += time.perf_counter() - wall
-        self.cpu_seconds_used += time.process_time() - cpu
-        self.clock.append({"epoch": self.current_epoch - 1, "iterations": len(outputs),
+        self.begin_epoch()
+        while self.train_iteration():
+            pass
+        self.end_epoch()
+
+    def begin_epoch(self) -> None:
+        with self._clock():
+            self._epoch_start_seconds = self.seconds_used
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            self._train_outputs = []
+
+    def train_iteration(self) -> bool:
+        """One training step; whether the epoch goes on (steps left and budget left)."""
+        with self._clock():
+            self._train_outputs.append(self.train_step(next(self.dataloader_train)))
+        return len(self._train_outputs) < self.num_iterations_per_epoch and not self.budget_spent()
+
+    def end_epoch(self) -> None:
+        with self._clock():
+            self.on_train_epoch_end(self._train_outputs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                self.on_validation_epoch_end([self.validation_step(next(self.dataloader_val))
+                                              for _ in range(self.num_val_iterations_per_epoch)])
+            self.on_epoch_end()
+        self.clock.append({"epoch": self.current_epoch - 1, "iterations": len(self._train_outputs),
                            "wall_s": round(self.seconds_used, 2), "cpu_s": round(self.cpu_seconds_used, 2)})
-        self._snapshot_crossed(before)
+        self._snapshot_crossed(self._epoch_start_seconds)
         save_json(self.clock, join(self.output_folder, "clock.json"))
 
     def _snapshot_crossed(self, before: float) -> None:
