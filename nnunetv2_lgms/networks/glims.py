@@ -269,6 +269,10 @@ class GLIMS(nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         return self.decoder(*self.encoder(x))
 
+    def deep_supervision_heads(self) -> nn.ModuleList:
+        """The heads only the deep-supervision outputs use (levels 1-4)."""
+        return self.decoder.seg_layers[1:]
+
     def num_parameters(self, include_auxiliary_heads: bool = False) -> int:
         """Parameters of the published architecture (incl. its four heads); the nnU-Net-only auxiliary head on
         t4_post only with the flag."""

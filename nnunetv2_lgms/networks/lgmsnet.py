@@ -182,6 +182,10 @@ class LGMSNet(nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         return self.decoder(self.encoder(x))
 
+    def deep_supervision_heads(self) -> nn.ModuleList:
+        """The heads only the deep-supervision outputs use (levels 1-3)."""
+        return self.decoder.seg_layers[1:]
+
     def num_parameters(self, include_auxiliary_heads: bool = False) -> int:
         """Parameters of the inference path; the deep-supervision heads of levels 1-3 only with the flag."""
         n = count_parameters(self)

@@ -28,9 +28,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_lgms.acceleration import accelerate
 from nnunetv2_lgms.networks.glims import GLIMS, glims_deep_supervision_scales
-from nnunetv2_lgms.trainers.plans import plan_kernel_sizes
 from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, CPUEqualTimeBudget, DemoBudget,
                                            SmokeBudget, TrainingBudget)
+from nnunetv2_lgms.trainers.plans import freeze_unused_heads, plan_kernel_sizes
 
 
 class WarmupCosineLRScheduler(_LRScheduler):
@@ -84,7 +84,7 @@ class nnUNetTrainerGLIMS(nnUNetTrainer):
         net = GLIMS.from_plan(configuration_manager.patch_size, configuration_manager.pool_op_kernel_sizes,
                               plan_kernel_sizes(configuration_manager), num_input_channels, num_output_channels,
                               enable_deep_supervision)
-        return accelerate(net)[0]
+        return accelerate(freeze_unused_heads(net, enable_deep_supervision))[0]
 
     def _get_deep_supervision_scales(self):
         # GLIMS has 6 levels whatever the plan's stage count, hence its own scales (one per output, 5 outputs).

@@ -10,9 +10,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_lgms.acceleration import accelerate
 from nnunetv2_lgms.networks.lgmsnet import LGMSNet, lgmsnet_deep_supervision_scales
-from nnunetv2_lgms.trainers.plans import plan_kernel_sizes
 from nnunetv2_lgms.trainers.budget import (CPUBenchmarkBudget, CPUBenchmarkBudget3D, CPUEqualTimeBudget, DemoBudget,
                                            SmokeBudget, TrainingBudget)
+from nnunetv2_lgms.trainers.plans import freeze_unused_heads, plan_kernel_sizes
 
 
 class nnUNetTrainerLGMSNet(nnUNetTrainer):
@@ -23,7 +23,7 @@ class nnUNetTrainerLGMSNet(nnUNetTrainer):
         net = LGMSNet.from_plan(configuration_manager.patch_size, configuration_manager.pool_op_kernel_sizes,
                                 plan_kernel_sizes(configuration_manager), num_input_channels, num_output_channels,
                                 enable_deep_supervision)
-        return accelerate(net)[0]
+        return accelerate(freeze_unused_heads(net, enable_deep_supervision))[0]
 
     def _get_deep_supervision_scales(self):
         # LGMSNet has 5 levels whatever the plan's stage count, hence its own scales (one per decoder output).
