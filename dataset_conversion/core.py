@@ -1,7 +1,10 @@
-"""Shared skeleton of every converter: discover -> check (nothing written) -> convert into a temporary folder ->
-``dataset.json`` via nnU-Net's ``generate_dataset_json`` -> atomic move into ``$nnUNet_raw``.
+"""Shared skeleton of every converter. :func:`convert` runs the steps in order: :func:`validate` (arguments, source,
+output location) -> :func:`discover` (the release layout) -> :func:`check_cases` (headers; nothing written so far)
+-> :func:`plan_splits` -> :func:`write` (cases, ``dataset.json`` via nnU-Net's ``generate_dataset_json``, into a
+temporary folder, then an atomic move into ``$nnUNet_raw``) -> :func:`write_splits` (``$nnUNet_preprocessed``).
 
-A dataset module provides:
+A dataset module provides (every module of this package that defines ``SPEC`` is registered as a converter, named
+``SPEC.key``; see ``__init__.py``):
 
 * ``SPEC``: a :class:`DatasetSpec` (default ID, dataset name, labels, channels, ...);
 * ``find_cases(source: Path, options: dict) -> Discovery``: reads the release layout, never writes;
@@ -204,10 +207,15 @@ def paper_splits_from_lists(prefix: str, case_ids: Sequence[str], to_case_id: Ca
     return splits
 
 
-def nnunet_dir(env_var: str, override: Optional[Path]) -> Optional[Path]:
+def nnunet_dir(env_var: str, override: Optional[Path] = None) -> Optional[Path]:
+    """One of nnU-Net's folders (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``) as nnU-Net itself
+    sees it, through ``nnunetv2.paths`` (read when called, not at import); None when unset or empty. ``override``
+    (an explicit folder) wins."""
     if override is not None:
         return Path(override)
-    value = os.environ.get(env_var)
+    from nnunetv2 import paths
+
+    value = getattr(paths, env_var).get()  # nnU-Net 2.8: a lazy _EnvPath; get() is None when the variable is unset
     return Path(value) if value else None
 
 
@@ -329,6 +337,9 @@ def _run_jobs(jobs: list, num_workers: int, progress: bool, desc: str) -> List[T
 
 
 # --------------------------------------------------------------------------------------------------------- pipeline
+# convert() = validate -> discover -> check_cases -> plan_splits -> write -> write_splits. Every step before write()
+# only reads; write() builds the dataset in a hidden temporary folder inside nnUNet_raw and moves it into place only
+# when it is complete, so a failure at any point leaves nnUNet_raw as it was.
 def dataset_folder_name(spec: DatasetSpec, dataset_id: Optional[int], resize: Optional[int],
                         title: Optional[str] = None) -> Tuple[int, str]:
     if dataset_id is None:
@@ -343,11 +354,67 @@ def dataset_folder_name(spec: DatasetSpec, dataset_id: Optional[int], resize: Op
     return int(dataset_id), f"Dataset{int(dataset_id):03d}_{title}"
 
 
-def convert(module, source, *, dataset_id: Optional[int] = None, resize: Optional[int] = None,
-            paper_splits: bool = False, overwrite: bool = False, num_workers: int = 1, skip_bad: bool = False,
-            limit: Optional[int] = None, raw_dir: Optional[Path] = None, preprocessed_dir: Optional[Path] = None,
-            progress: bool = True, log: Callable[[str], None] = print, **options) -> Result:
+@dataclass
+class Request:
+    """A validated conversion request (the output of :func:`validate`): the converter, the release folder, the
+    options, and the dataset's ID, name and nnU-Net folders."""
+    module: object
+    spec: DatasetSpec
+    source: Path
+    raw: Path  # nnUNet_raw (may not exist yet)
+    pre: Optional[Path]  # nnUNet_preprocessed, None when unset
+    dataset_id: int
+    name: str  # DatasetNNN_Title
+    resize: Optional[int] = None
+    paper_splits: bool = False
+    overwrite: bool = False
+    skip_bad: bool = False
+    options: dict = field(default_factory=dict)  # dataset-specific options, handed to find_cases/prepare/convert_case
+
+    @property
+    def target(self) -> Path:
+        return self.raw / self.name
+
+
+@dataclass
+class Selection:
+    """The cases to convert after the header checks (the output of :func:`check_cases`), with what the writer
+    needs: the spec (channels possibly chosen by the module's ``prepare``), per-case settings and the labels."""
+    cases: List[Case]
+    spec: DatasetSpec
+    settings: dict  # handed to every convert_case(case, out_dir, settings)
+    labels: dict
+    skipped: List[str] = field(default_factory=list)  # messages of the cases left out (skip_bad)
+    notes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Written:
+    """What :func:`write` put into ``nnUNet_raw``: the converted cases and the paper splits without failed cases."""
+    cases: List[Case]
+    skipped: List[str]
+    splits: Optional[List[Dict[str, List[str]]]]
+
+    @property
+    def num_training(self) -> int:
+        return sum(c.subset == "Tr" for c in self.cases)
+
+    @property
+    def num_test(self) -> int:
+        return sum(c.subset == "Ts" for c in self.cases)
+
+
+def validate(module, source, *, dataset_id: Optional[int] = None, resize: Optional[int] = None,
+             paper_splits: bool = False, overwrite: bool = False, skip_bad: bool = False,
+             raw_dir: Optional[Path] = None, preprocessed_dir: Optional[Path] = None,
+             options: Optional[dict] = None) -> Request:
+    """Step 1: check the arguments, the source folder and the output location; reads no case and writes nothing.
+
+    Raises :class:`ConversionError` for a missing or non-folder source, ``resize`` on 3D data or outside 8..8192,
+    ``paper_splits`` for a dataset without published splits, unset ``nnUNet_raw``, an invalid ID or name, an ID used
+    by another dataset in nnUNet_raw/preprocessed/results, or an existing target without ``overwrite``."""
     spec: DatasetSpec = module.SPEC
+    options = dict(options or {})
     source = Path(source).expanduser()
     if not source.exists():
         raise ConversionError(f"source folder {source} does not exist")
@@ -359,9 +426,9 @@ def convert(module, source, *, dataset_id: Optional[int] = None, resize: Optiona
                                   f"data to its own target spacing)")
         if not 8 <= int(resize) <= 8192:
             raise ConversionError(f"--resize {resize}: expected a side length between 8 and 8192 pixels")
-    if paper_splits and not (hasattr(module, "paper_splits") or hasattr(module, "SPLIT_PREFIX")):
+    if paper_splits and not has_paper_splits(module):
         raise ConversionError(f"--paper-splits: the LGMSNet paper published no split for {spec.key} "
-                              f"(available for busi, isic2018, tnscui and btcv)")
+                              f"(available for {_datasets_with_paper_splits()})")
 
     raw = nnunet_dir("nnUNet_raw", raw_dir)
     if raw is None:
@@ -372,20 +439,41 @@ def convert(module, source, *, dataset_id: Optional[int] = None, resize: Optiona
 
     title = options.get("title") or (module.default_title(source) if hasattr(module, "default_title") else None)
     dataset_id, name = dataset_folder_name(spec, dataset_id, resize, title)
-    target = raw / name
     for folder in (raw, pre, results_dir):
         others = _other_datasets_with_id(folder, dataset_id, name)
         if others:
             raise ConversionError(f"dataset ID {dataset_id} is already used by {others[0]}; nnU-Net needs one name "
                                   f"per ID. Pass --id N with a free ID (or remove that dataset).")
-    if target.exists() and not overwrite:
-        raise ConversionError(f"{target} already exists; pass --overwrite to replace it (or --id N for a new ID)")
+    if (raw / name).exists() and not overwrite:
+        raise ConversionError(f"{raw / name} already exists; pass --overwrite to replace it (or --id N for a new ID)")
+    return Request(module, spec, source, raw, pre, dataset_id, name, resize, paper_splits, overwrite, skip_bad,
+                   options)
 
-    # ---- discover (reads the release layout only)
-    discovery: Discovery = module.find_cases(source, options)
+
+def has_paper_splits(module) -> bool:
+    """Whether ``--paper-splits`` applies: the module ships split lists (``SPLIT_PREFIX``) or computes them."""
+    return hasattr(module, "paper_splits") or hasattr(module, "SPLIT_PREFIX")
+
+
+def _datasets_with_paper_splits() -> str:
+    """'busi, isic2018, tnscui and btcv': the registered converters that have paper splits."""
+    from . import converters, get_module
+
+    names = [key for key in converters() if has_paper_splits(get_module(key))]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def discover(request: Request, limit: Optional[int] = None) -> Discovery:
+    """Step 2: read the release layout with the module's ``find_cases`` (file names only; nothing decoded, nothing
+    written). Returns the cases in (subset, case ID) order; layout problems (missing masks, masks without image)
+    and duplicate case IDs are listed as problems. ``limit`` (tests, debugging) keeps the first N cases.
+
+    Raises :class:`ConversionError` when the layout is not found or holds no case."""
+    spec = request.spec
+    discovery: Discovery = request.module.find_cases(request.source, request.options)
     cases = sorted(discovery.cases, key=lambda c: (c.subset, c.case_id))
     if not cases:
-        raise ConversionError(f"no cases found in {source}. Expected the {spec.key} release layout: "
+        raise ConversionError(f"no cases found in {request.source}. Expected the {spec.key} release layout: "
                               f"{spec.layout_hint or 'see --help'}")
     problems = list(discovery.problems)
     seen: Dict[str, Case] = {}
@@ -399,8 +487,18 @@ def convert(module, source, *, dataset_id: Optional[int] = None, resize: Optiona
         keep = {c.case_id for c in cases[:limit]}
         cases = [c for c in cases if c.case_id in keep]
         problems = [p for p in problems if p.case_id in keep]
+    return Discovery(cases, problems, list(discovery.notes))
 
-    # ---- header checks (nothing written yet)
+
+def check_cases(request: Request, discovery: Discovery) -> Selection:
+    """Step 3: header-level checks of every case (the module's ``check_case``; 2D default: readable files, equal
+    image and mask sizes) and the module's ``prepare`` (settings found over the whole set, e.g. channels). Nothing is
+    written.
+
+    With problems, raises :class:`ConversionError` listing them, or with ``skip_bad`` leaves those cases out (and
+    raises when no training case remains)."""
+    module, spec, source = request.module, request.spec, request.source
+    cases, problems = list(discovery.cases), list(discovery.problems)
     check = getattr(module, "check_case", check_case_2d if spec.dim == 2 else None)
     if check is not None:
         already_bad = {p.case_id for p in problems}
@@ -410,16 +508,16 @@ def convert(module, source, *, dataset_id: Optional[int] = None, resize: Optiona
             msg = check(c)
             if msg:
                 problems.append(Problem(msg, case_id=c.case_id))
-    settings = {"channels": spec.channels, "resize": resize, **options}
+    settings = {"channels": spec.channels, "resize": request.resize, **request.options}
     if hasattr(module, "prepare"):
-        extra, case_problems = module.prepare(cases, options)
+        extra, case_problems = module.prepare(cases, request.options)
         settings.update(extra)
         problems += case_problems
     if settings["channels"] != spec.channels:
         spec = replace(spec, channels=settings["channels"])
     skipped: List[str] = []
     if problems:
-        if not skip_bad:
+        if not request.skip_bad:
             raise ConversionError(f"{len(problems)} problem(s) in {source}; nothing was written:\n"
                                   f"{format_problems(problems)}\nFix the files, or pass --skip-bad to convert the "
                                   f"remaining cases and list what was skipped.")
@@ -430,82 +528,130 @@ def convert(module, source, *, dataset_id: Optional[int] = None, resize: Optiona
             raise ConversionError(f"every case in {source} has a problem; nothing was written:\n"
                                   f"{format_problems(problems)}")
     labels = settings.pop("labels_override", None) or dict(spec.labels)
+    return Selection(cases, spec, settings, labels, skipped, list(discovery.notes))
 
-    splits = None
-    if paper_splits:
-        train_ids = [c.case_id for c in cases if c.subset == "Tr"]
-        if hasattr(module, "paper_splits"):
-            splits = module.paper_splits(train_ids)
-        else:
-            splits = paper_splits_from_lists(module.SPLIT_PREFIX, train_ids, module.split_case_id)
-        if pre is not None:
-            existing = pre / name / "splits_final.json"
-            if existing.exists() and not overwrite and json.loads(existing.read_text()) != splits:
-                raise ConversionError(f"{existing} exists with a different split; pass --overwrite to replace it")
 
-    # ---- convert into a temporary folder next to the target, then move it into place
+def plan_splits(request: Request, cases: Sequence[Case]) -> Optional[List[Dict[str, List[str]]]]:
+    """Step 4, before writing: the paper's splits of the training ``cases`` (None without ``paper_splits``), from
+    the module's ``paper_splits(case_ids)`` or its packaged lists (``SPLIT_PREFIX``). Raises
+    :class:`ConversionError` when split cases are missing, or when ``nnUNet_preprocessed`` already holds a
+    different ``splits_final.json`` for this dataset and ``overwrite`` is off."""
+    if not request.paper_splits:
+        return None
+    module = request.module
+    train_ids = [c.case_id for c in cases if c.subset == "Tr"]
+    if hasattr(module, "paper_splits"):
+        splits = module.paper_splits(train_ids)
+    else:
+        splits = paper_splits_from_lists(module.SPLIT_PREFIX, train_ids, module.split_case_id)
+    if request.pre is not None:
+        existing = request.pre / request.name / "splits_final.json"
+        if existing.exists() and not request.overwrite and json.loads(existing.read_text()) != splits:
+            raise ConversionError(f"{existing} exists with a different split; pass --overwrite to replace it")
+    return splits
+
+
+def write(request: Request, selection: Selection, splits: Optional[List[Dict[str, List[str]]]] = None,
+          num_workers: int = 1, progress: bool = True) -> Written:
+    """Step 5: convert every case into a hidden temporary folder inside ``nnUNet_raw``, add ``dataset.json``,
+    ``conversion_info.json`` and (with splits) ``splits_final.json``, then move the folder into place, replacing
+    an existing dataset only now. On any error the temporary folder is removed and ``nnUNet_raw`` is unchanged.
+
+    A case whose conversion fails raises :class:`ConversionError` listing it, or with ``skip_bad`` is left out
+    (its files removed, its ID dropped from the splits)."""
+    raw, name = request.raw, request.name
     raw.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=raw))
     try:
-        subsets = sorted({c.subset for c in cases})
-        for s in subsets:
-            (tmp / f"images{s}").mkdir()
-            (tmp / f"labels{s}").mkdir()
-        jobs = [(module.__name__, c, tmp, settings) for c in cases]
-        outcome = _run_jobs(jobs, num_workers, progress, f"{spec.key} -> {name}")
-        failed = [(cid, msg) for cid, msg, _ in outcome if msg]
-        if failed:
-            if not skip_bad:
-                raise ConversionError(f"{len(failed)} case(s) could not be converted; nothing was written:\n"
-                                      f"{format_problems([Problem(m, cid) for cid, m in failed])}\nFix the files, "
-                                      f"or pass --skip-bad to convert the remaining cases.")
+        cases, failed = _convert_cases(tmp, request, selection, num_workers, progress)
+        skipped = selection.skipped + [m for _, m in failed]
+        if failed and splits is not None:
             bad = {cid for cid, _ in failed}
-            skipped += [m for _, m in failed]
-            for c in cases:
-                if c.case_id in bad:
-                    for f in (tmp / f"images{c.subset}").glob(f"{c.case_id}_[0-9][0-9][0-9][0-9]{spec.file_ending}"):
-                        f.unlink()
-                    lf = tmp / f"labels{c.subset}" / f"{c.case_id}{spec.file_ending}"
-                    if lf.exists():
-                        lf.unlink()
-            cases = [c for c in cases if c.case_id not in bad]
-            if splits is not None:
-                splits = [{k: [x for x in v if x not in bad] for k, v in s.items()} for s in splits]
-        for s in subsets:  # nnU-Net treats a missing labelsTs as "no test labels"; drop empty folders
-            for sub in (f"images{s}", f"labels{s}"):
-                if s != "Tr" and not any((tmp / sub).iterdir()):
-                    (tmp / sub).rmdir()
-        n_train = sum(c.subset == "Tr" for c in cases)
-        n_test = sum(c.subset == "Ts" for c in cases)
-        if n_train == 0:
-            raise ConversionError(f"no training case could be converted from {source}; nothing was written")
-
-        _write_dataset_json(tmp, spec, labels, n_train, name, source, resize, options)
-        info = {
-            "converter": f"nnunetv2_lgms convert {spec.key}",
-            "source": str(source.resolve()),
-            "options": {"resize": resize, "paper_splits": paper_splits, "skip_bad": skip_bad,
-                        **{k: v for k, v in options.items() if isinstance(v, (str, int, float, bool, type(None)))}},
-            "cases": {c.case_id: {"subset": c.subset, "image": str(c.image), "masks": [str(m) for m in c.masks]}
-                      for c in cases},
-            "skipped": skipped,
-        }
-        (tmp / "conversion_info.json").write_text(json.dumps(info, indent=1))
-        if splits is not None:
-            (tmp / "splits_final.json").write_text(json.dumps(splits, indent=1))
-
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=raw))
-            os.replace(target, old / name)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            splits = [{k: [x for x in v if x not in bad] for k, v in s.items()} for s in splits]
+        written = Written(cases, skipped, splits)
+        if written.num_training == 0:
+            raise ConversionError(f"no training case could be converted from {request.source}; nothing was written")
+        _write_metadata(tmp, request, selection, written)
+        _move_into_place(tmp, request.target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return written
 
-    notes = list(discovery.notes)
+
+def _convert_cases(tmp: Path, request: Request, selection: Selection, num_workers: int,
+                   progress: bool) -> Tuple[List[Case], List[Tuple[str, str]]]:
+    """Run convert_case for every case into ``tmp``; returns the converted cases and (case ID, message) of the
+    failed ones (skip_bad; their partial files removed). Empty test folders are dropped."""
+    spec, cases = selection.spec, selection.cases
+    subsets = sorted({c.subset for c in cases})
+    for s in subsets:
+        (tmp / f"images{s}").mkdir()
+        (tmp / f"labels{s}").mkdir()
+    jobs = [(request.module.__name__, c, tmp, selection.settings) for c in cases]
+    outcome = _run_jobs(jobs, num_workers, progress, f"{spec.key} -> {request.name}")
+    failed = [(cid, msg) for cid, msg, _ in outcome if msg]
+    if failed:
+        if not request.skip_bad:
+            raise ConversionError(f"{len(failed)} case(s) could not be converted; nothing was written:\n"
+                                  f"{format_problems([Problem(m, cid) for cid, m in failed])}\nFix the files, "
+                                  f"or pass --skip-bad to convert the remaining cases.")
+        bad = {cid for cid, _ in failed}
+        for c in cases:
+            if c.case_id in bad:
+                for f in (tmp / f"images{c.subset}").glob(f"{c.case_id}_[0-9][0-9][0-9][0-9]{spec.file_ending}"):
+                    f.unlink()
+                lf = tmp / f"labels{c.subset}" / f"{c.case_id}{spec.file_ending}"
+                if lf.exists():
+                    lf.unlink()
+        cases = [c for c in cases if c.case_id not in bad]
+    for s in subsets:  # nnU-Net treats a missing labelsTs as "no test labels"; drop empty folders
+        for sub in (f"images{s}", f"labels{s}"):
+            if s != "Tr" and not any((tmp / sub).iterdir()):
+                (tmp / sub).rmdir()
+    return cases, failed
+
+
+def _write_metadata(folder: Path, request: Request, selection: Selection, written: Written) -> None:
+    """``dataset.json`` (nnU-Net's generate_dataset_json), ``conversion_info.json`` (source, options, every case's
+    source files, skipped cases) and, with paper splits, ``splits_final.json``."""
+    _write_dataset_json(folder, selection.spec, selection.labels, written.num_training, request.name,
+                        request.source, request.resize, request.options)
+    options = request.options
+    info = {
+        "converter": f"nnunetv2_lgms convert {selection.spec.key}",
+        "source": str(request.source.resolve()),
+        "options": {"resize": request.resize, "paper_splits": request.paper_splits, "skip_bad": request.skip_bad,
+                    **{k: v for k, v in options.items() if isinstance(v, (str, int, float, bool, type(None)))}},
+        "cases": {c.case_id: {"subset": c.subset, "image": str(c.image), "masks": [str(m) for m in c.masks]}
+                  for c in written.cases},
+        "skipped": written.skipped,
+    }
+    (folder / "conversion_info.json").write_text(json.dumps(info, indent=1))
+    if written.splits is not None:
+        (folder / "splits_final.json").write_text(json.dumps(written.splits, indent=1))
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Replace ``target`` by the complete ``tmp`` (same file system): the old dataset is moved aside first and
+    deleted only once the new one is in place."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_splits(request: Request, splits: Optional[List[Dict[str, List[str]]]]) -> Tuple[Optional[Path], List[str]]:
+    """Step 6, after the dataset is in place: write the paper splits to
+    ``$nnUNet_preprocessed/DatasetNNN_Name/splits_final.json`` (where nnU-Net reads them when training starts).
+    Returns that file (None when not written) and notes for the user: how to copy the splits when
+    ``nnUNet_preprocessed`` is unset, an older splits file that nnU-Net would keep using, or preprocessed data of a
+    replaced dataset."""
+    pre, name, target = request.pre, request.name, request.target
+    notes: List[str] = []
     splits_file = None
     if splits is not None:
         if pre is not None:
@@ -518,10 +664,30 @@ def convert(module, source, *, dataset_id: Optional[int] = None, resize: Optiona
     elif pre is not None and (pre / name / "splits_final.json").exists():
         notes.append(f"{pre / name / 'splits_final.json'} already exists from an earlier run; nnU-Net will keep "
                      f"using it. Delete it if the case list changed.")
-    if overwrite and pre is not None and (pre / name / "dataset_fingerprint.json").exists():
+    if request.overwrite and pre is not None and (pre / name / "dataset_fingerprint.json").exists():
         notes.append(f"{pre / name} holds preprocessed data of the previous conversion: rerun "
-                     f"nnUNetv2_plan_and_preprocess -d {dataset_id}")
-    return Result(target, dataset_id, name, n_train, n_test, skipped, splits_file, notes)
+                     f"nnUNetv2_plan_and_preprocess -d {request.dataset_id}")
+    return splits_file, notes
+
+
+def convert(module, source, *, dataset_id: Optional[int] = None, resize: Optional[int] = None,
+            paper_splits: bool = False, overwrite: bool = False, num_workers: int = 1, skip_bad: bool = False,
+            limit: Optional[int] = None, raw_dir: Optional[Path] = None, preprocessed_dir: Optional[Path] = None,
+            progress: bool = True, log: Callable[[str], None] = print, **options) -> Result:
+    """Convert the release in ``source`` with the converter ``module`` into ``$nnUNet_raw/DatasetNNN_Name``.
+
+    Nothing is written unless every case converts (``skip_bad``: the others are converted and the skipped ones
+    listed in the result); ``overwrite`` replaces an existing dataset of that name. ``raw_dir`` and
+    ``preprocessed_dir`` override nnU-Net's ``nnUNet_raw`` and ``nnUNet_preprocessed``."""
+    request = validate(module, source, dataset_id=dataset_id, resize=resize, paper_splits=paper_splits,
+                       overwrite=overwrite, skip_bad=skip_bad, raw_dir=raw_dir, preprocessed_dir=preprocessed_dir,
+                       options=options)
+    selection = check_cases(request, discover(request, limit))
+    splits = plan_splits(request, selection.cases)
+    written = write(request, selection, splits, num_workers=num_workers, progress=progress)
+    splits_file, notes = write_splits(request, written.splits)
+    return Result(request.target, request.dataset_id, request.name, written.num_training, written.num_test,
+                  written.skipped, splits_file, selection.notes + notes)
 
 
 def _write_dataset_json(folder: Path, spec: DatasetSpec, labels: dict, n_train: int, name: str, source: Path,

@@ -378,9 +378,9 @@ def test_paper_splits_fail_before_writing_when_cases_are_missing(nnunet_env, tmp
 # ------------------------------------------------------------------------------------------------------------- CLI
 def test_cli_convert(nnunet_env, tmp_path, capsys):
     from nnunetv2_lgms.cli import main
-    from nnunetv2_lgms.commands.convert import NAMES
+    from nnunetv2_lgms.commands.convert import dataset_names
 
-    assert NAMES == list(CONVERTERS)
+    assert dataset_names() == list(CONVERTERS)
     src = fx.bus(tmp_path / "src")
     assert main(["convert", "bus", str(src), "-np", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -390,3 +390,327 @@ def test_cli_convert(nnunet_env, tmp_path, capsys):
     assert err.startswith("error:") and "--overwrite" in err and "Traceback" not in err
     assert main(["convert", "kvasir", str(src), "--include-normal"]) == 2
     assert "only applies to 'busi'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- registry: converters' SPECs
+def _help_text(capsys) -> str:
+    from nnunetv2_lgms.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # line wrapping does not matter
+
+
+def test_every_module_declaring_a_spec_is_registered():
+    from nnunetv2_lgms import dataset_conversion as dc
+
+    declared = {p.stem for p in Path(dc.__file__).parent.glob("*.py") if "\nSPEC = " in p.read_text()}
+    assert declared and set(CONVERTERS.values()) == declared
+    assert {key: get_module(key).SPEC.key for key in CONVERTERS} == {key: key for key in CONVERTERS}
+    ids = [spec.default_id for spec in dc.specs().values()]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # listed by default ID, no two the same
+
+
+def test_command_names_and_epilog_come_from_the_specs(capsys):
+    from nnunetv2_lgms.commands import convert as cmd
+    from nnunetv2_lgms.dataset_conversion import specs
+
+    assert cmd.dataset_names() == list(specs())
+    text = _help_text(capsys)
+    for key, spec in specs().items():
+        assert f"{key} {spec.default_id}" in text, key
+    assert "--paper-splits (busi, isic2018, tnscui, btcv) writes" in text
+    assert "dataset: " + ", ".join(specs()) in text
+
+
+_EXTRA_CONVERTER = '''
+from .core import DatasetSpec, find_folder_pair, sanitize_case_id
+
+SPEC = DatasetSpec(key="{key}", title="MyData", default_id={default_id}, dim=2, channels="rgb",
+                   labels={{"background": 0, "thing": 1}}, layout_hint="images/*.png and masks/*.png")
+
+
+def find_cases(source, options):
+    return find_folder_pair(source, "images", "masks", [], "the MyData folder", sanitize_case_id)
+'''
+
+
+@pytest.fixture
+def extra_converter(tmp_path, monkeypatch):
+    """Writes converter modules into an extra folder of the package's search path (a stand-in for adding a file to
+    dataset_conversion/) and resets the registry; undone afterwards."""
+    import importlib
+    import sys
+
+    from nnunetv2_lgms import dataset_conversion as dc
+
+    folder = tmp_path / "extra_converters"
+    folder.mkdir()
+    monkeypatch.setattr(dc, "__path__", list(dc.__path__) + [str(folder)])
+    monkeypatch.setattr(dc, "_registry", {})
+    added = []
+
+    def add(module_name: str, key: str, default_id: int) -> None:
+        (folder / f"{module_name}.py").write_text(_EXTRA_CONVERTER.format(key=key, default_id=default_id))
+        importlib.invalidate_caches()
+        added.append(f"{dc.__name__}.{module_name}")
+
+    yield add
+    for name in added:
+        sys.modules.pop(name, None)
+
+
+def test_a_new_module_with_a_spec_is_enough_for_the_command(extra_converter, nnunet_env, tmp_path, capsys):
+    from nnunetv2_lgms.cli import main
+
+    from nnunetv2_lgms.dataset_conversion import converters
+
+    extra_converter("zz_mydata", "mydata", 777)
+    assert list(converters())[-1] == "mydata"  # after folder (520): default-ID order
+    text = _help_text(capsys)
+    assert "mydata 777" in text and "folder 520, mydata 777." in text
+    src = fx.cvc_300(tmp_path / "src", n=2) / "CVC-300"  # images/ + masks/, as MyData expects
+    assert main(["convert", "mydata", str(src), "-np", "1", "--no-progress"]) == 0
+    assert str(nnunet_env["nnUNet_raw"] / "Dataset777_MyData") in capsys.readouterr().out
+    verify(nnunet_env["nnUNet_raw"] / "Dataset777_MyData")
+
+
+def test_two_modules_with_one_name_are_refused(extra_converter):
+    extra_converter("zz_other_kvasir", "kvasir", 790)
+    with pytest.raises(ConversionError, match=r"dataset name 'kvasir': kvasir\.py and zz_other_kvasir\.py"):
+        get_module("kvasir")
+
+
+# ---------------------------------------------------------------------------------------- the steps of convert()
+def tree(root: Path) -> list:
+    """Every path under root (hidden ones included) with its size: a snapshot to prove nothing was written."""
+    return sorted((str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*"))
+
+
+def _used_id(env, tmp_path, monkeypatch):
+    (env["nnUNet_results"] / "Dataset503_Other").mkdir(parents=True)
+
+
+def _existing_target(env, tmp_path, monkeypatch):
+    (env["nnUNet_raw"] / "Dataset503_KvasirSEG").mkdir()
+
+
+def _raw_unset(env, tmp_path, monkeypatch):
+    monkeypatch.delenv("nnUNet_raw")
+
+
+def _file_as_source(env, tmp_path, monkeypatch):
+    return next((tmp_path / "src" / "Kvasir-SEG" / "images").iterdir())
+
+
+def _missing_source(env, tmp_path, monkeypatch):
+    return tmp_path / "nope"
+
+
+VALIDATE_ERRORS = {  # case: (converter, setup (may return the source to pass) or None, keyword arguments, message)
+    "missing source": ("kvasir", _missing_source, {}, "source folder .*nope does not exist"),
+    "source is a file": ("kvasir", _file_as_source, {}, r"\.jpg is not a folder: pass the extracted release folder"),
+    "resize on 3D": ("btcv", None, {"resize": 32}, "--resize applies to 2D datasets only; btcv is 3D"),
+    "resize too small": ("kvasir", None, {"resize": 4}, "--resize 4: expected a side length between 8 and 8192"),
+    "no paper splits": ("kvasir", None, {"paper_splits": True},
+                        r"no split for kvasir \(available for busi, isic2018, tnscui and btcv\)"),
+    "ID out of range": ("kvasir", None, {"dataset_id": 1000}, "dataset ID 1000 is outside 1..999"),
+    "bad name": ("folder", None, {"options": {"title": "my data"}}, "dataset name 'my data' may contain only"),
+    "ID used elsewhere": ("kvasir", _used_id, {},
+                          "dataset ID 503 is already used by .*nnUNet_results/Dataset503_Other"),
+    "target exists": ("kvasir", _existing_target, {}, "Dataset503_KvasirSEG already exists; pass --overwrite"),
+    "nnUNet_raw unset": ("kvasir", _raw_unset, {}, "nnUNet_raw is not set: export nnUNet_raw="),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(VALIDATE_ERRORS))
+def test_validate_rejects_bad_input_before_reading_cases_or_writing(kind, nnunet_env, tmp_path, monkeypatch):
+    import types
+
+    name, setup, kwargs, message = VALIDATE_ERRORS[kind]
+    fx.kvasir(tmp_path / "src", n=1)
+    source = (setup(nnunet_env, tmp_path, monkeypatch) if setup else None) or tmp_path / "src"
+    real = get_module(name)
+
+    def never(*_args):
+        raise AssertionError("validate() must not read the release")
+
+    module = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+    module.find_cases = module.check_case = module.prepare = never
+    before = tree(tmp_path)
+    with pytest.raises(ConversionError, match=message):
+        core.validate(module, source, **kwargs)
+    assert tree(tmp_path) == before
+
+
+def test_validate_names_the_dataset_and_creates_nothing(nnunet_env, tmp_path):
+    src = fx.kvasir(tmp_path / "src", n=1)
+    new_raw = tmp_path / "new_raw"
+    request = core.validate(get_module("kvasir"), src, resize=32, raw_dir=new_raw)
+    assert (request.dataset_id, request.name) == (553, "Dataset553_KvasirSEG_32px")
+    assert request.target == new_raw / "Dataset553_KvasirSEG_32px"
+    assert request.pre == nnunet_env["nnUNet_preprocessed"]
+    assert not new_raw.exists()  # only write() creates nnUNet_raw
+    request = core.validate(get_module("folder"), src, dataset_id=7, options={"title": "Mine"})
+    assert (request.name, request.target.parent) == ("Dataset007_Mine", nnunet_env["nnUNet_raw"])
+
+
+def test_nnunet_folders_are_read_through_nnunetv2_paths(monkeypatch, tmp_path):
+    from nnunetv2 import paths
+
+    # nnU-Net's own lookup decides: point its nnUNet_raw object at another variable and unset the usual one
+    monkeypatch.setattr(paths, "nnUNet_raw", paths._EnvPath("LGMS_TEST_RAW", "test"))
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    monkeypatch.setenv("LGMS_TEST_RAW", str(tmp_path / "raw"))  # set after import: read at call time
+    assert core.nnunet_dir("nnUNet_raw") == tmp_path / "raw"
+    assert core.nnunet_dir("nnUNet_raw", tmp_path / "x") == tmp_path / "x"  # an explicit folder wins
+    monkeypatch.setenv("LGMS_TEST_RAW", "")
+    assert core.nnunet_dir("nnUNet_raw") is None  # empty counts as unset
+    monkeypatch.delenv("LGMS_TEST_RAW")
+    assert core.nnunet_dir("nnUNet_raw") is None
+    with pytest.raises(ConversionError, match="nnUNet_raw is not set"):
+        core.validate(get_module("cvc-300"), fx.cvc_300(tmp_path / "src", n=1))
+
+
+def _kvasir_with_defects(root: Path):
+    """Kvasir-SEG, 4 cases: #0 duplicated as .png, #1 without mask, #2 with an undecodable image; #3 is good."""
+    src = fx.kvasir(root, n=4)
+    images, masks = sorted((src / "images").iterdir()), sorted((src / "masks").iterdir())
+    fx.save(fx._rgb(52, 60, 0), images[0].with_suffix(".png"))
+    masks[1].unlink()
+    images[2].write_bytes(b"not an image")
+    return src, [p.stem for p in images]
+
+
+def test_discover_reads_the_layout_only(nnunet_env, tmp_path):
+    src, stems = _kvasir_with_defects(tmp_path / "src")
+    request = core.validate(get_module("kvasir"), src)
+    before = tree(tmp_path)
+    found = core.discover(request)
+    assert [c.case_id for c in found.cases] == [stems[0], stems[0], stems[1], stems[2], stems[3]]
+    messages = [p.message for p in found.problems]
+    assert len(messages) == 2  # the undecodable image is not opened here
+    assert any("duplicate case name" in m and stems[0] in m for m in messages)
+    assert any("missing mask" in m and stems[1] in m for m in messages)
+    assert [c.case_id for c in core.discover(request, limit=3).cases] == [stems[0], stems[0], stems[1]]
+    assert len(core.discover(request, limit=1).problems) == 1  # problems of cases beyond the limit are dropped
+    for f in (src / "images").iterdir():
+        f.unlink()
+    with pytest.raises(ConversionError, match=r"no cases found in .*Kvasir-SEG/images/\*\.jpg"):
+        core.discover(request)
+    assert tree(tmp_path) == [x for x in before if not x[0].startswith("src/Kvasir-SEG/images/")]
+
+
+def test_check_cases_stops_or_skips_without_writing(nnunet_env, tmp_path):
+    import dataclasses
+
+    src, stems = _kvasir_with_defects(tmp_path / "src")
+    request = core.validate(get_module("kvasir"), src, resize=16)
+    found = core.discover(request)
+    before = tree(tmp_path)
+    with pytest.raises(ConversionError) as err:
+        core.check_cases(request, found)
+    msg = str(err.value)
+    assert msg.startswith(f"3 problem(s) in {src}; nothing was written:") and "--skip-bad" in msg
+    assert f"unreadable image {src / 'images' / stems[2]}.jpg" in msg
+    selection = core.check_cases(dataclasses.replace(request, skip_bad=True), found)
+    assert [c.case_id for c in selection.cases] == [stems[3]]
+    assert len(selection.skipped) == 3
+    assert selection.settings == {"channels": "rgb", "resize": 16}
+    assert selection.labels == {"background": 0, "polyp": 1}
+    assert tree(tmp_path) == before
+
+
+def test_check_cases_applies_the_modules_prepare(nnunet_env, tmp_path):
+    src = fx.folder(tmp_path / "src")
+    request = core.validate(get_module("folder"), src, options={"images": "img", "masks": "gt",
+                                                                  "mask_suffix": "_mask", "channels": "grey",
+                                                                  "label_name": "lesion"})
+    selection = core.check_cases(request, core.discover(request))
+    assert selection.spec.channels == "grey" and selection.spec.channel_names() == {0: "grey"}
+    assert selection.labels == {"background": 0, "lesion": 1} and "labels_override" not in selection.settings
+
+
+def _btcv_cases(ids):
+    return [core.Case(f"btcv_{i:04d}", Path(f"img{i:04d}.nii.gz")) for i in ids]
+
+
+def test_plan_splits_checks_before_writing(nnunet_env, tmp_path):
+    import dataclasses
+
+    src = tmp_path / "src"
+    src.mkdir()
+    request = core.validate(get_module("btcv"), src, paper_splits=True)
+    cases = _btcv_cases(list(range(1, 11)) + list(range(21, 41))) + [core.Case("btcv_0061", Path("t"), subset="Ts")]
+    splits = core.plan_splits(request, cases)
+    assert len(splits) == 1 and len(splits[0]["train"]) == 24 and "btcv_0061" not in splits[0]["train"]
+    assert core.plan_splits(dataclasses.replace(request, paper_splits=False), cases) is None
+    with pytest.raises(ConversionError, match="needs the 30 labelled training cases"):
+        core.plan_splits(request, cases[1:])
+    existing = nnunet_env["nnUNet_preprocessed"] / "Dataset505_BTCV" / "splits_final.json"
+    existing.parent.mkdir(parents=True)
+    existing.write_text(json.dumps(splits))
+    assert core.plan_splits(request, cases) == splits  # the same split again is fine
+    existing.write_text(json.dumps([{"train": [], "val": []}]))
+    with pytest.raises(ConversionError, match="exists with a different split; pass --overwrite"):
+        core.plan_splits(request, cases)
+    assert core.plan_splits(dataclasses.replace(request, overwrite=True), cases) == splits
+    assert json.loads(existing.read_text()) == [{"train": [], "val": []}]  # only write_splits() writes
+
+
+def test_write_puts_a_complete_dataset_in_place_or_nothing(nnunet_env, tmp_path):
+    import dataclasses
+
+    src = fx.kvasir(tmp_path / "src", n=3)
+    images = sorted((src / "images").iterdir())
+    module = get_module("kvasir")
+    good = core.validate(module, src)
+    selection = core.check_cases(good, core.discover(good))
+    first = core.write(good, selection, progress=False)
+    assert (first.num_training, first.num_test, first.skipped, first.splits) == (3, 0, [], None)
+    assert raw_entries(nnunet_env) == ["Dataset503_KvasirSEG"]
+    (good.target / "marker.txt").write_text("old")
+    # a file that passes the header check but cannot be decoded: the conversion itself fails
+    data = images[1].read_bytes()
+    images[1].write_bytes(data[: len(data) // 2])
+    request = core.validate(module, src, overwrite=True)
+    selection = core.check_cases(request, core.discover(request))
+    assert len(selection.cases) == 3 and not selection.skipped
+    before = tree(nnunet_env["nnUNet_raw"])
+    with pytest.raises(ConversionError, match=rf"1 case\(s\) could not be converted; nothing was written:\n.*"
+                                              rf"unreadable image .*{images[1].name}"):
+        core.write(request, selection, progress=False)
+    assert tree(nnunet_env["nnUNet_raw"]) == before  # old dataset untouched, no temporary folder left
+    ids = [c.case_id for c in selection.cases]
+    written = core.write(dataclasses.replace(request, skip_bad=True), selection,
+                         splits=[{"train": ids[:2], "val": ids[2:]}], progress=False)
+    assert written.num_training == 2 and len(written.skipped) == 1 and images[1].name in written.skipped[0]
+    assert written.splits == [{"train": [ids[0]], "val": [ids[2]]}]
+    assert raw_entries(nnunet_env) == ["Dataset503_KvasirSEG"] and not (good.target / "marker.txt").exists()
+    assert json.loads((good.target / "splits_final.json").read_text()) == written.splits
+    info = json.loads((good.target / "conversion_info.json").read_text())
+    assert sorted(info["cases"]) == [ids[0], ids[2]] and info["skipped"] == written.skipped
+    verify(good.target)
+
+
+def test_write_splits_to_nnunet_preprocessed_and_notes(nnunet_env, tmp_path):
+    import dataclasses
+
+    src = tmp_path / "src"
+    src.mkdir()
+    request = core.validate(get_module("btcv"), src, paper_splits=True)
+    splits = [{"train": ["btcv_0001"], "val": ["btcv_0002"]}]
+    path, notes = core.write_splits(request, splits)
+    assert path == nnunet_env["nnUNet_preprocessed"] / "Dataset505_BTCV" / "splits_final.json"
+    assert json.loads(path.read_text()) == splits and notes == []
+    _, notes = core.write_splits(dataclasses.replace(request, paper_splits=False), None)
+    assert len(notes) == 1 and "already exists from an earlier run" in notes[0]
+    (path.parent / "dataset_fingerprint.json").write_text("{}")
+    _, notes = core.write_splits(dataclasses.replace(request, overwrite=True), splits)
+    assert notes == [f"{path.parent} holds preprocessed data of the previous conversion: rerun "
+                     f"nnUNetv2_plan_and_preprocess -d 505"]
+    no_pre = dataclasses.replace(request, pre=None)
+    assert core.write_splits(no_pre, splits) == (None, [
+        f"nnUNet_preprocessed is not set: copy {request.target / 'splits_final.json'} to "
+        f"$nnUNet_preprocessed/Dataset505_BTCV/splits_final.json before training"])

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
-# kept in sync with nnunetv2_lgms.dataset_conversion.CONVERTERS (checked by tests); no heavy import here
-NAMES = ["busi", "isic2018", "kvasir", "tnscui", "btcv", "kits23", "cvc-clinicdb", "cvc-300", "ph2", "bus", "folder"]
-
-EPILOG = """\
-default IDs (+50 with --resize): busi 501, isic2018 502, kvasir 503, tnscui 504, btcv 505, kits23 506,
-cvc-clinicdb 511, cvc-300 512, ph2 513, bus 514, folder 520.
-
---paper-splits writes the LGMSNet paper's splits (busi, isic2018, tnscui: 3 train/val splits = folds 0-2; btcv: the
-24/6 split = fold 0) to $nnUNet_preprocessed/DatasetNNN_Name/splits_final.json, where nnU-Net reads it when
-training starts (planning and preprocessing leave it in place). Without it nnU-Net makes its own 5-fold split.
-
+_PAPER_SPLITS = ("--paper-splits ({names}) writes the LGMSNet paper's splits (3 train/val splits = folds 0-2; btcv: "
+                 "the 24/6 split = fold 0) to $nnUNet_preprocessed/DatasetNNN_Name/splits_final.json, where nnU-Net "
+                 "reads it when training starts (planning and preprocessing leave it in place). Without it nnU-Net "
+                 "makes its own 5-fold split.")
+_EXAMPLES = """\
 examples:
   nnunetv2_lgms convert kvasir ~/data/Kvasir-SEG
   nnunetv2_lgms convert busi ~/data/Dataset_BUSI_with_GT --resize 256 --paper-splits
@@ -25,10 +20,32 @@ examples:
 """
 
 
+def dataset_names() -> list:
+    """The NAME choices: the ``SPEC.key`` of every converter module, in default-ID order (the converters' registry,
+    ``nnunetv2_lgms.dataset_conversion.converters``; imported here, not at module import, to keep ``--help`` of
+    other commands light)."""
+    from nnunetv2_lgms.dataset_conversion import converters
+
+    return list(converters())
+
+
+def epilog() -> str:
+    """``convert --help`` epilog: every converter's default ID and the datasets with paper splits, from the SPECs."""
+    from nnunetv2_lgms.dataset_conversion import get_module, has_paper_splits, specs
+
+    all_specs = specs()
+    ids = ", ".join(f"{key}\N{NO-BREAK SPACE}{spec.default_id}" for key, spec in all_specs.items())
+    paper = ", ".join(key for key in all_specs if has_paper_splits(get_module(key))) or "none"
+    paragraphs = [f"default IDs (+50 with --resize): {ids}.", _PAPER_SPLITS.format(names=paper)]
+    wrapped = [textwrap.fill(p, width=116, break_on_hyphens=False, break_long_words=False) for p in paragraphs]
+    return "\n\n".join(wrapped).replace("\N{NO-BREAK SPACE}", " ") + "\n\n" + _EXAMPLES
+
+
 def add_arguments(parser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EPILOG
-    parser.add_argument("name", choices=NAMES, metavar="NAME", help=f"dataset: {', '.join(NAMES)}")
+    names = dataset_names()
+    parser.epilog = epilog()
+    parser.add_argument("name", choices=names, metavar="NAME", help=f"dataset: {', '.join(names)}")
     parser.add_argument("source", metavar="SOURCE_DIR", help="the extracted release folder (or the folder above it)")
     parser.add_argument("--id", dest="dataset_id", type=int, default=None,
                         help="nnU-Net dataset ID (default: per dataset, see below)")
@@ -98,7 +115,11 @@ def run(args) -> int:
         for msg in result.skipped:
             print(f"  - {msg}")
     if result.splits_file:
-        print(f"paper splits ({'fold 0' if args.name == 'btcv' else 'folds 0, 1, 2'}): {result.splits_file}")
+        import json
+
+        n = len(json.loads(result.splits_file.read_text()))
+        print(f"paper splits ({'fold 0' if n == 1 else 'folds ' + ', '.join(map(str, range(n)))}): "
+              f"{result.splits_file}")
     for note in result.notes:
         print(f"note: {note}")
     if args.verify:
