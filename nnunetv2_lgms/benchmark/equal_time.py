@@ -7,22 +7,22 @@ against the training time it had used::
         -tr nnUNetTrainerBaseline_cpu45min nnUNetTrainerLGMSNet_cpu45min --out results/kvasir_equal_time
 
 Taking turns makes the comparison fair on a machine that also does other work: a load that comes and goes falls on
-every trainer alike, and each trainer's clock runs only during its own steps and epoch ends (``clock.json`` also records the CPU
-seconds each got). Snapshots are scored on the fold's validation cases (sliding window without mirroring, nnU-Net's
-metrics); the final checkpoint gets nnU-Net's own final validation (with mirroring), as ``nnUNetv2_train`` does.
+every trainer alike, and each trainer's clock runs only during its own steps and epoch ends (``clock.json`` also
+records the CPU seconds each got). Snapshots are scored on the fold's validation cases (sliding window without
+mirroring, nnU-Net's metrics); the final checkpoint gets nnU-Net's own final validation (with mirroring), as
+``nnUNetv2_train`` does.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from nnunetv2_lgms.benchmark.models import BenchmarkError, ensure_ext_trainer
+from nnunetv2_lgms.benchmark.models import BenchmarkError, ensure_ext_trainer, find_trainer_class, require_env
 from nnunetv2_lgms.benchmark.tables import markdown_table, write_csv
 
 
@@ -35,15 +35,15 @@ def build_trainers(dataset: str, configuration: str, fold: str, trainers: Sequen
     from nnunetv2_lgms.trainers.budget import WallClockBudget
 
     ensure_ext_trainer()
+    for name in trainers:  # all checked before any is built
+        if not issubclass(find_trainer_class(name), WallClockBudget):
+            raise BenchmarkError(f"{name} has no wall-clock budget; use a *_cpu45min trainer or another "
+                                 f"WallClockBudget subclass")
     out = []
     for name in trainers:
         with contextlib.redirect_stdout(sys.stderr):
             trainer = get_trainer_from_args(dataset, configuration, fold if fold == "all" else int(fold), name,
-                                            plans_identifier,
-                                            device=torch.device(device))
-        if not isinstance(trainer, WallClockBudget):
-            raise BenchmarkError(f"{name} has no wall-clock budget; use a *_cpu45min trainer or another "
-                                 f"WallClockBudget subclass")
+                                            plans_identifier, device=torch.device(device))
         if budget_minutes is not None:
             trainer.budget_minutes = budget_minutes
         if snapshot_minutes is not None:
@@ -86,7 +86,7 @@ def score_snapshot(trainer, snapshot: Path, work: Path, device: str) -> dict:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     folder = Path(trainer.output_folder_base)
-    raw = Path(os.environ["nnUNet_raw"]) / trainer.plans_manager.dataset_name
+    raw = require_env("nnUNet_raw") / trainer.plans_manager.dataset_name
     ending = trainer.dataset_json["file_ending"]
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
     _, val_keys = trainer.do_split()
@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.score_only:
         for trainer in trainers:
             clock = Path(trainer.output_folder) / "clock.json"
-            trainer.clock = json.loads(clock.read_text()) if clock.is_file() else []
+            trainer.epoch_times = json.loads(clock.read_text()) if clock.is_file() else []
     else:
         train_in_turns(trainers, log)
     if not (args.no_final_validation or args.score_only):
@@ -193,8 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 row = {"trainer": type(trainer).__name__, **score_snapshot(trainer, snapshot, Path(tmp), args.device)}
                 log(f"{row['trainer']} {row['snapshot']}: Dice {row['dice']:.4f}")
                 rows.append(row)
-    finals = {type(t).__name__: {"dice": final_validation_dice(t), "steps": sum(e["iterations"] for e in t.clock),
-                                 "clock": t.clock} for t in trainers}
+    finals = {type(t).__name__: {"dice": final_validation_dice(t), "clock": t.epoch_times,
+                                 "steps": sum(e["iterations"] for e in t.epoch_times)} for t in trainers}
     meta = {"dataset": trainers[0].plans_manager.dataset_name, "configuration": args.configuration,
             "fold": args.fold, "budget_minutes": trainers[0].budget_minutes, "device": args.device,
             "threads": torch.get_num_threads(), "n_val": rows[0]["n_cases"] if rows else 0}

@@ -35,7 +35,11 @@ def ensure_ext_trainer() -> None:
 
 
 def require_env(var: str) -> Path:
-    value = os.environ.get(var)
+    """One of nnU-Net's folders (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``), read through
+    ``nnunetv2.paths`` as nnU-Net reads it."""
+    from nnunetv2 import paths
+
+    value = getattr(paths, var).get()
     if not value:
         raise BenchmarkError(f"{var} is not set; export it as for the nnUNetv2_* commands")
     return Path(value)

@@ -387,8 +387,8 @@ def memory_method(device: torch.device) -> str:
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux ``/proc/cpuinfo``; else the platform's machine name) and the vector instruction
-    set PyTorch's CPU kernels use, e.g. ``AMD EPYC, AVX2``. CPU timing ratios differ between hosts (results/speed_cpu,
-    run 14), so a report names its host."""
+    set PyTorch's CPU kernels use, e.g. ``AMD EPYC, AVX2``. CPU timing ratios differ between hosts, so a report
+    names its host."""
     import platform
 
     name = ""

@@ -86,7 +86,7 @@ class WallClockBudget(TrainingBudget):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.seconds_used = 0.0
         self.cpu_seconds_used = 0.0
-        self.clock: list = []
+        self.epoch_times: list = []
 
     @property
     def budget_seconds(self) -> float:
@@ -140,10 +140,10 @@ class WallClockBudget(TrainingBudget):
                 self.on_validation_epoch_end([self.validation_step(next(self.dataloader_val))
                                               for _ in range(self.num_val_iterations_per_epoch)])
             self.on_epoch_end()
-        self.clock.append({"epoch": self.current_epoch - 1, "iterations": len(self._train_outputs),
+        self.epoch_times.append({"epoch": self.current_epoch - 1, "iterations": len(self._train_outputs),
                            "wall_s": round(self.seconds_used, 2), "cpu_s": round(self.cpu_seconds_used, 2)})
         self._snapshot_crossed(self._epoch_start_seconds)
-        save_json(self.clock, join(self.output_folder, "clock.json"))
+        save_json(self.epoch_times, join(self.output_folder, "clock.json"))
 
     def _snapshot_crossed(self, before: float) -> None:
         if not self.snapshot_minutes:
