@@ -81,10 +81,6 @@ def accelerate(net: nn.Module, settings: Union[str, Iterable[str], None] = "all"
             swap_class(module, cls)
         if cls is not reference:
             report.swapped[reference.__name__, component_names(cls)] += 1
-    for module in net.modules():  # after all swaps: a parent may look at its children
-        init = getattr(module, "_on_accelerated", None)
-        if callable(init):
-            init()
     return net, report
 
 
