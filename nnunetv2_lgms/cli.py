@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "profile": ("nnunetv2_lgms.commands.profile", "params, FLOPs, timings and memory of trainers' networks on a plan"),
     "compare": ("nnunetv2_lgms.commands.compare", "cross-validation table of trainers from nnU-Net's summary.json files"),
     "evaluate-unseen": ("nnunetv2_lgms.commands.evaluate_unseen", "trained model on an unseen dataset, paper Table 2"),
+    "export": ("nnunetv2_lgms.commands.export", "trained folds -> ONNX / OpenVINO models checked against PyTorch"),
+    "predict": ("nnunetv2_lgms.commands.predict", "nnU-Net's prediction with the network on ONNX Runtime / OpenVINO"),
 }
 
 
