@@ -12,7 +12,6 @@ one raises :class:`RuntimeUnavailable`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import io
 import os
@@ -71,19 +70,9 @@ def reference_network(net: nn.Module) -> nn.Module:
     ``PlainConvUNet`` is its own reference)."""
     net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
     net = getattr(net, "module", net) if isinstance(net, nn.parallel.DistributedDataParallel) else net
-    try:
-        from nnunetv2_lgms.acceleration import reference_copy
-    except ImportError:
-        reference_copy = copy.deepcopy
+    from nnunetv2_lgms.acceleration import reference_copy
+
     ref = reference_copy(net)
-    # The networks of this package used to carry CPU speed switches inside their modules; where that helper still
-    # exists it turns them off. Without it (networks whose speed lives only in swapped classes) nothing is left to do.
-    try:
-        from nnunetv2_lgms.benchmark.speed_paths import disable_speed_paths
-    except ImportError:
-        pass
-    else:
-        disable_speed_paths(ref)
     decoder = getattr(ref, "decoder", None)
     if decoder is not None and hasattr(decoder, "deep_supervision"):
         decoder.deep_supervision = False
