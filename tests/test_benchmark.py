@@ -326,7 +326,7 @@ def unseen_target(project):
 
 def test_evaluate_unseen_table_predictions_and_summary(nnunet_env, unseen_target, tmp_path, capsys):
     from nnunetv2_lgms.benchmark.models import build_network, find_trainer_class
-    from nnunetv2_lgms.networks.blocks import inference_parameters
+    from nnunetv2_lgms.networks.common import inference_parameters
 
     ctx = _ctx()
     trainers = ["nnUNetTrainerLGMSNet", "nnUNetTrainer"]
