@@ -4,6 +4,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as _nnUN
 from nnunetv2_lgms.trainers import nnUNetTrainerBaseline as _baseline
 from nnunetv2_lgms.trainers import nnUNetTrainerGLIMS as _glims
 from nnunetv2_lgms.trainers import nnUNetTrainerLGMSNet as _lgmsnet
+from nnunetv2_lgms.trainers import nnUNetTrainerLGMSNet_recompute as _lgmsnet_recompute
 
 
 def _trainers_of(*modules):
@@ -11,6 +12,6 @@ def _trainers_of(*modules):
             if isinstance(obj, type) and issubclass(obj, _nnUNetTrainer) and obj.__module__ == m.__name__}
 
 
-_TRAINERS = _trainers_of(_lgmsnet, _glims, _baseline)
+_TRAINERS = _trainers_of(_lgmsnet, _lgmsnet_recompute, _glims, _baseline)
 globals().update(_TRAINERS)
 __all__ = sorted(_TRAINERS)

@@ -6,7 +6,8 @@ after round (before/after, then after/before, ...), so a drift of the machine fa
 is profiled in every run as a control: its time should not change between the versions.
 
     python results/speed_before_after/run.py --before-tree /tmp/nnunetv2_lgms_before \\
-        --cases 553:2d 4:3d_fullres --rounds 3 --out results/speed_before_after
+        --cases 553:2d:nnUNetTrainer,nnUNetTrainerLGMSNet 4:3d_fullres --rounds 2 --threads 1 \\
+        --out results/speed_before_after
 
 ``--before-tree``: a checkout of the earlier code (``git worktree add /tmp/nnunetv2_lgms_before <commit>``); the
 current checkout is "after". nnU-Net's folders come from the environment.
@@ -27,11 +28,11 @@ METRICS = ("inference_bs1_s", "inference_s", "train_step_s", "sliding_window_s",
 TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLGMSNet", "nnUNetTrainerGLIMS")
 
 
-def profile(tree: Path, dataset: str, configuration: str, out: Path, repeats: int, threads: int) -> list:
+def profile(tree: Path, dataset: str, configuration: str, trainers, out: Path, repeats: int, threads: int) -> list:
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}  # each tree puts its own shim there
     env["PYTHONPATH"] = str(tree)
     cmd = [sys.executable, "-m", "nnunetv2_lgms.cli", "profile", "-d", dataset, "-c", configuration,
-           "-tr", *TRAINERS, "--repeats", str(repeats), "--warmup", "1", "--no-memory", "--threads", str(threads),
+           "-tr", *trainers, "--repeats", str(repeats), "--warmup", "1", "--no-memory", "--threads", str(threads),
            "--json", str(out)]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -40,7 +41,8 @@ def profile(tree: Path, dataset: str, configuration: str, out: Path, repeats: in
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before-tree", type=Path, required=True)
-    parser.add_argument("--cases", nargs="+", default=["553:2d", "4:3d_fullres"], help="DATASET:CONFIGURATION")
+    parser.add_argument("--cases", nargs="+", default=["553:2d", "4:3d_fullres"],
+                        help="DATASET:CONFIGURATION[:TRAINER,TRAINER...] (default: all three trainers)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -49,19 +51,21 @@ def main() -> int:
     raw = args.out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     runs = []
+    trainers_of = {}
     for case in args.cases:
-        dataset, configuration = case.split(":")
+        dataset, configuration, *named = case.split(":")
+        trainers_of[case] = named[0].split(",") if named else list(TRAINERS)
         for r in range(args.rounds):
             for version in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 tree = args.before_tree if version == "before" else AFTER_TREE
                 out = raw / f"{dataset}_{configuration}_{version}_{r}.json"
-                rows = profile(tree, dataset, configuration, out, args.repeats, args.threads)
+                rows = profile(tree, dataset, configuration, trainers_of[case], out, args.repeats, args.threads)
                 runs.append({"case": case, "round": r, "version": version, "rows": rows})
                 print(f"{case} round {r} {version} done", file=sys.stderr, flush=True)
     lines = ["| case | trainer | metric | before (s) | after (s) | after / before | per round |", "|---|---|---|---:|---:|---:|---|"]
     summary = []
     for case in args.cases:
-        for trainer in TRAINERS:
+        for trainer in trainers_of[case]:
             for metric in METRICS:
                 per_version = {}
                 for version in ("before", "after"):
