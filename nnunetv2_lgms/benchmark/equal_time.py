@@ -136,6 +136,11 @@ def plot(rows: List[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):  # nnU-Net's progress plot leaves seaborn's poster style set
+        _draw(plt, rows, path)
+
+
+def _draw(plt, rows: List[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for trainer in dict.fromkeys(r["trainer"] for r in rows):
         pts = [(r["minutes"], r["dice"]) for r in rows if r["trainer"] == trainer]

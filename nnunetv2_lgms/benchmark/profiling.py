@@ -28,7 +28,7 @@ import statistics
 import time
 import types
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -178,6 +178,12 @@ def _resident_bytes(subject: _Subject, *extra) -> int:
 
 def _cpu_peak_bytes(fn) -> int:
     """Peak of torch's CPU allocations above the level at the start of ``fn``, from profiler memory events."""
+    return cpu_allocation_trace(fn)[1]
+
+
+def cpu_allocation_trace(fn) -> Tuple[int, int]:
+    """(level at the end, peak) of torch's CPU allocations during ``fn`` relative to its start, in bytes, from
+    profiler memory events."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -189,7 +195,7 @@ def _cpu_peak_bytes(fn) -> int:
         if str(e.device_type()).endswith("CPU"):
             level += e.nbytes()
             peak = max(peak, level)
-    return peak
+    return level, peak
 
 
 def _measure_memory(subject: _Subject, fn, device: torch.device, *resident) -> float:

@@ -28,11 +28,13 @@ METRICS = ("inference_bs1_s", "inference_s", "train_step_s", "sliding_window_s",
 TRAINERS = ("nnUNetTrainer", "nnUNetTrainerLGMSNet", "nnUNetTrainerGLIMS")
 
 
-def profile(tree: Path, dataset: str, configuration: str, trainers, out: Path, repeats: int, threads: int) -> list:
+def profile(tree: Path, dataset: str, configuration: str, trainers, out: Path, repeats: int, threads: int,
+            sliding_window_repeats: int = 1) -> list:
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}  # each tree puts its own shim there
     env["PYTHONPATH"] = str(tree)
     cmd = [sys.executable, "-m", "nnunetv2_lgms.cli", "profile", "-d", dataset, "-c", configuration,
            "-tr", *trainers, "--repeats", str(repeats), "--warmup", "1", "--no-memory", "--threads", str(threads),
+           "--sliding-window-repeats", str(sliding_window_repeats),
            "--json", str(out)]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -46,6 +48,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sliding-window-repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     raw = args.out / "raw"
@@ -59,7 +62,8 @@ def main() -> int:
             for version in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 tree = args.before_tree if version == "before" else AFTER_TREE
                 out = raw / f"{dataset}_{configuration}_{version}_{r}.json"
-                rows = profile(tree, dataset, configuration, trainers_of[case], out, args.repeats, args.threads)
+                rows = profile(tree, dataset, configuration, trainers_of[case], out, args.repeats, args.threads,
+                               args.sliding_window_repeats)
                 runs.append({"case": case, "round": r, "version": version, "rows": rows})
                 print(f"{case} round {r} {version} done", file=sys.stderr, flush=True)
     lines = ["| case | trainer | metric | before (s) | after (s) | after / before | per round |", "|---|---|---|---:|---:|---:|---|"]
@@ -79,7 +83,8 @@ def main() -> int:
                              f"{', '.join(f'{x:.2f}' for x in rounds)} |")
     meta = runs[0]["rows"][0]
     header = (f"{meta['device_name']}, {args.threads} threads, torch {meta['torch_version']}; {args.rounds} rounds "
-              f"of alternating processes, each the median of {args.repeats} repetitions after 1 warm-up; "
+              f"of alternating processes, each the median of {args.repeats} repetitions after 1 warm-up "
+              f"(sliding window: of {args.sliding_window_repeats}); "
               f"after / before below 1 = faster after.\n\n")
     (args.out / "before_after.md").write_text(header + "\n".join(lines) + "\n")
     (args.out / "before_after.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
