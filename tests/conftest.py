@@ -22,3 +22,14 @@ def e2e_project_2d(tmp_path_factory):
 def e2e_project_3d(tmp_path_factory):
     from e2e_utils import NnunetProject
     return NnunetProject(tmp_path_factory.mktemp("nnunet3d"), 991, 3, "3d_fullres", (16, 32, 32))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, the previous count restored after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -52,11 +52,8 @@ def construct(cls, device: str, config: str = "2d"):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test of this module on one torch thread."""
 
 
 # --------------------------------------------------------------------------------------------- the compile path

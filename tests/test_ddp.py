@@ -102,11 +102,8 @@ def make_batch(trainer, config: str, seed: int = 0):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test of this module on one torch thread."""
 
 
 @pytest.mark.parametrize("ds", [True, False], ids=["ds_on", "ds_off"])

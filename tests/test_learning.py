@@ -55,11 +55,8 @@ def check_dice(pred: torch.Tensor, target: torch.Tensor, threshold: float):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test of this module on one torch thread."""
 
 
 # ---------------------------------------------------------------------------------------------------------- data

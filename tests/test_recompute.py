@@ -24,11 +24,8 @@ DATASET_JSON = {"channel_names": {"0": "a", "1": "b"}, "labels": {"background": 
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test of this module on one torch thread."""
 
 
 def build_pair(config: str, ds: bool = True):
