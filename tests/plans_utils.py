@@ -70,6 +70,14 @@ def configuration_manager(name: str) -> ConfigurationManager:
     return managers(name)[1]
 
 
+def trainer_plans(patch, strides, kernels, batch_size: int = 2) -> dict:
+    """Plans with one configuration 'cfg' of the given shape, as ``nnUNetv2_train`` hands them to a trainer."""
+    plans = plans_dict("2d_48_3pools")
+    plans["configurations"] = {"cfg": configuration_dict(patch, strides, kernels, batch_size)}
+    plans["continue_training"] = False  # get_trainer_from_args adds it; nnUNetTrainer.__init__ pops it
+    return plans
+
+
 def make_trainer(cls, dataset_json: dict, plan: str = "2d_256", batch_size: int = 2):
     """``cls`` built as ``nnUNetv2_train`` builds it (CPU), on the hand-written plan ``plan`` as configuration 'cfg'."""
     import torch

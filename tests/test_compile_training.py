@@ -21,7 +21,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from plans_utils import configuration_dict, plans_dict
+from plans_utils import trainer_plans
 
 import nnunetv2_lgms.trainers as our_trainers
 from nnunetv2_lgms.acceleration import is_accelerated, to_reference
@@ -41,10 +41,7 @@ INDUCTOR = os.environ.get("NNUNET_LGMS_INDUCTOR_TESTS", "") not in ("", "0")
 
 
 def tiny_plans(config: str = "2d") -> dict:
-    plans = plans_dict("2d_48_3pools")
-    plans["configurations"] = {"cfg": configuration_dict(*CONFIGS[config], batch_size=2)}
-    plans["continue_training"] = False
-    return plans
+    return trainer_plans(*CONFIGS[config], batch_size=2)
 
 
 def construct(cls, device: str, config: str = "2d"):

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plans_utils import configuration_dict, plans_dict
+from plans_utils import trainer_plans
 
 from nnunetv2_lgms.trainers import nnUNetTrainerGLIMS, nnUNetTrainerLGMSNet
 
@@ -57,10 +57,7 @@ def case_id(name, config, ds) -> str:
 
 
 def tiny_plans(config: str) -> dict:
-    plans = plans_dict("2d_48_3pools")
-    plans["configurations"] = {"cfg": configuration_dict(*CONFIGS[config], batch_size=BATCH)}
-    plans["continue_training"] = False  # get_trainer_from_args adds it; nnUNetTrainer.__init__ pops it
-    return plans
+    return trainer_plans(*CONFIGS[config], batch_size=BATCH)
 
 
 def make_trainer(name: str, config: str, ds: bool):

@@ -31,7 +31,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from plans_utils import configuration_dict, plans_dict
+from plans_utils import trainer_plans
 
 from nnunetv2_lgms.trainers import nnUNetTrainerGLIMS, nnUNetTrainerLGMSNet
 
@@ -98,10 +98,7 @@ def make_trainer(name: str, size: int, channels: int, steps: int):
     its ``build_network_architecture`` with deep supervision, and ``network``, ``optimizer`` (with its learning-rate
     schedule over ``steps`` epochs) and ``loss`` set as ``nnUNetTrainer.initialize`` sets them."""
     cls = TRAINERS[name]
-    plans = plans_dict("2d_48_3pools")
-    plans["configurations"] = {"cfg": configuration_dict((size, size), [[1, 1]] + [[2, 2]] * 4, [[3, 3]] * 5,
-                                                         BATCH)}
-    plans["continue_training"] = False
+    plans = trainer_plans((size, size), [[1, 1]] + [[2, 2]] * 4, [[3, 3]] * 5, BATCH)
     dataset_json = {"channel_names": {str(c): f"c{c}" for c in range(channels)},
                     "labels": {"background": 0, "foreground": 1}, "numTraining": 1, "file_ending": ".png"}
     trainer = cls(plans, "cfg", 0, dataset_json, torch.device("cpu"))

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from plans_utils import configuration_dict, plans_dict
+from plans_utils import trainer_plans
 
 from nnunetv2_lgms.acceleration.recompute import (DEFAULT_LEVELS, is_recomputing, level_modules, recompute,
                                                   recomputed_modules, undo_recompute)
@@ -31,9 +31,7 @@ def one_thread(one_torch_thread):
 def build_pair(config: str, ds: bool = True):
     """(trainer, plain network, recomputing network with the plain one's weights), both through the trainers'
     ``build_network_architecture``."""
-    plans = plans_dict("2d_48_3pools")
-    plans["configurations"] = {"cfg": configuration_dict(*CONFIGS[config], batch_size=2)}
-    plans["continue_training"] = False
+    plans = trainer_plans(*CONFIGS[config], batch_size=2)
     trainer = nnUNetTrainerLGMSNet(plans, "cfg", 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
     args = (trainer.plans_manager, trainer.configuration_manager, 2, 3, ds)
     torch.manual_seed(0)
